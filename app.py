@@ -1,0 +1,232 @@
+"""The Messenger Sync Service: the ASGI app and its command line.
+
+uvicorn app:app                          serve (configuration from the environment / .env)
+python app.py serve [--host H] [--port P]
+python app.py migrate                    apply pending migrations
+python app.py create-api-key USER        print a new key for USER (stored hashed)
+python app.py sync PAGE_ID               sync a page from the terminal until it is done
+python app.py replay-webhooks            apply failed and invalid inbox rows again
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import auth
+from applier import Applier
+from errors import ServiceError
+from graph_client import GraphClient
+from metrics import Metrics
+from routes import conversations, ops, pages, sync, webhook
+from routes.common import JSON
+from settings import Settings
+from storage import Storage, open_storage
+from sync_engine import SyncEngine
+from webhook_intake import InboxWriter
+
+log = logging.getLogger("messenger_sync")
+
+GRAPH_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+
+class RequestContext:
+    """Pure ASGI middleware: a request id, and per-route counts and latency in the metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.http_requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.http_latency.labels(route).observe(time.perf_counter() - started)
+
+
+async def service_error(request: Request, exc: Exception) -> JSON:
+    """Our own errors: their status and the SPEC's JSON shape."""
+    assert isinstance(exc, ServiceError)
+    return JSON(exc.to_json(), status_code=exc.status_code)
+
+
+async def http_error(request: Request, exc: Exception) -> JSON:
+    """Starlette's 404/405/...: the same JSON shape."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSON(
+        {"success": False, "error": str(exc.detail), "code": code},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSON:
+    """Anything else: logged with the request id, answered 500 without internals."""
+    request_id = getattr(request.state, "request_id", "-")
+    log.exception("unhandled error in %s %s [request %s]", request.method, request.url.path, request_id)
+    return JSON(
+        {
+            "success": False,
+            "error": "Internal server error",
+            "code": "internal_error",
+            "requestId": request_id,
+        },
+        status_code=500,
+        headers={"x-request-id": request_id},  # this handler answers outside RequestContext
+    )
+
+
+def create_app(
+    settings: Settings | None = None, *, graph_transport: httpx.AsyncBaseTransport | None = None
+) -> Starlette:
+    """Build the app. `graph_transport` lets tests stand in for the Graph API at the httpx layer."""
+    settings = settings or Settings.from_env()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        try:
+            await storage.migrate()
+            async with httpx.AsyncClient(
+                base_url=settings.graph_api_url, timeout=GRAPH_TIMEOUT, transport=graph_transport
+            ) as http:
+                applier = Applier(storage, settings, metrics)
+                inbox = InboxWriter(storage, settings, metrics, on_commit=applier.notify)
+                await inbox.start()
+                if settings.run_applier:
+                    await applier.start()
+                try:
+                    yield {
+                        "settings": settings,
+                        "storage": storage,
+                        "metrics": metrics,
+                        "env_keys": auth.hashed_env_keys(settings.api_keys),
+                        "sync": SyncEngine(storage, GraphClient(http), settings, metrics),
+                        "inbox": inbox,
+                        "applier": applier,
+                    }
+                finally:
+                    await applier.stop()
+                    await inbox.stop()
+        finally:
+            await storage.close()
+
+    app = Starlette(
+        routes=[*ops.routes, *pages.routes, *conversations.routes, *sync.routes, *webhook.routes],
+        exception_handlers={
+            ServiceError: service_error,
+            HTTPException: http_error,
+            Exception: unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestContext, metrics=metrics)
+    return app
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+async def _with_storage(settings: Settings) -> Storage:
+    storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    await storage.migrate()
+    return storage
+
+
+async def _migrate(settings: Settings) -> int:
+    storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        applied = await storage.migrate()
+    finally:
+        await storage.close()
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+async def _create_api_key(settings: Settings, user: str) -> int:
+    storage = await _with_storage(settings)
+    try:
+        key = auth.new_key()
+        await storage.add_api_key(user, auth.hash_key(key))
+    finally:
+        await storage.close()
+    print(key)
+    print(f"(API key for {user}; it is stored hashed and will not be shown again)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python app.py", description="Messenger Sync Service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP service (uvicorn app:app)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    sub.add_parser("migrate", help="apply pending database migrations")
+    key = sub.add_parser("create-api-key", help="create an API key for a user (shown once)")
+    key.add_argument("user")
+    sync_cmd = sub.add_parser("sync", help="sync a page from the terminal, resuming until done")
+    sync_cmd.add_argument("page_id", help="the pageId returned by POST /api/pages")
+    sync_cmd.add_argument("--mode", choices=["incremental", "full"], default=None)
+    sub.add_parser("replay-webhooks", help="apply failed and invalid inbox rows again")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+
+    if args.command == "serve":
+        import uvicorn
+
+        uvicorn.run("app:app", host=args.host, port=args.port, proxy_headers=True)
+        return 0
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings))
+    if args.command == "create-api-key":
+        return asyncio.run(_create_api_key(settings, args.user))
+    if args.command == "sync":
+        from sync_engine import run_sync_command
+
+        return asyncio.run(run_sync_command(settings, args.page_id, args.mode))
+    if args.command == "replay-webhooks":
+        from applier import run_replay_command
+
+        return asyncio.run(run_replay_command(settings))
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+app = create_app()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Prometheus metrics, one registry per app (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """Every metric the service exports, registered in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "http_requests", "HTTP requests answered", ["method", "route", "status"], registry=r
+        )
+        self.http_latency = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+            registry=r,
+        )
+        self.sync_runs = Counter("sync_runs", "Sync requests by outcome", ["outcome"], registry=r)
+        self.sync_conversations = Counter(
+            "sync_conversations", "Conversations written by sync", ["result"], registry=r
+        )
+        self.graph_requests = Counter(
+            "graph_requests", "Graph API requests by outcome", ["outcome"], registry=r
+        )
+        self.webhook_received = Counter(
+            "webhook_received", "Webhook POSTs by outcome", ["outcome"], registry=r
+        )
+        self.webhook_batch_size = Histogram(
+            "webhook_commit_batch_size",
+            "Bodies per inbox group commit",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.webhook_applied = Counter(
+            "webhook_inbox_rows", "Inbox rows processed by the applier", ["status"], registry=r
+        )
+        self.webhook_apply_lag = Histogram(
+            "webhook_apply_lag_seconds",
+            "From inbox commit to applied",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
+            registry=r,
+        )
+        self.webhook_pending = Gauge(
+            "webhook_inbox_pending", "Pending inbox rows seen by the applier", registry=r
+        )

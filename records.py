@@ -1,0 +1,62 @@
+"""What sync and webhooks both produce: normalized conversation and event records.
+
+The sync engine (from Graph conversations) and the webhook applier (from Messenger
+webhook items) each turn their input into these records; storage writes them with one
+piece of code, so both sources converge on the same rows:
+
+* a conversation is keyed by (page row, ``sender_id``), the contact's page-scoped id (PSID);
+* an event is keyed by (conversation, ``event_type``, ``message_id``) when it has a mid,
+  else by (conversation, ``event_type``, ``event_timestamp``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+EVENT_TYPES = frozenset(
+    {
+        "message_received",
+        "message_sent",
+        "message_delivered",
+        "message_read",
+        "reaction",
+        "postback",
+        "referral",
+        "optin",
+        "message_edited",
+    }
+)
+
+# Event types that are messages: they count in message_count and may move last_message.
+MESSAGE_EVENT_TYPES = frozenset({"message_received", "message_sent"})
+
+
+class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of contact_interaction_events, before it has a conversation id."""
+
+    event_type: str
+    event_timestamp: int  # milliseconds since the epoch
+    message_id: str | None = None  # the event's own mid; None for reactions, edits, reads, ...
+    content: str | None = None  # the message text, postback title, ... (human readable)
+    payload: dict[str, Any] = msgspec.field(default_factory=dict)  # JSON-serializable detail
+
+
+class ConversationRecord(msgspec.Struct, kw_only=True):
+    """What one source knows about one conversation, with the events it brings.
+
+    ``None`` means "this source does not know": storage keeps what is stored. Counts
+    given as numbers (sync, from Graph) replace the stored ones; when ``message_count``
+    is None (webhooks) storage adds the number of newly inserted message events.
+    ``last_message``/``last_message_time`` only ever move forwards in time.
+    """
+
+    sender_id: str  # the contact's PSID: the participant who is not the page
+    events: list[EventRecord]
+    facebook_conversation_id: str | None = None  # "t_..." (known to sync only)
+    sender_name: str | None = None
+    last_message: str | None = None
+    last_message_time: int | None = None  # milliseconds since the epoch
+    message_count: int | None = None
+    unread_count: int | None = None

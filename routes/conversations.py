@@ -1,0 +1,54 @@
+"""Keyset-paginated reads: a page's conversations and a conversation's events, newest first."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from auth import require_user
+from errors import BadRequest, NotFound
+from routes.common import JSON, decode_cursor, encode_cursor, query_int
+
+MAX_LIMIT = 500
+
+
+async def list_conversations(request: Request) -> JSON:
+    """GET /api/conversations?pageId=&limit=&cursor=."""
+    user = await require_user(request)
+    page_id = request.query_params.get("pageId")
+    if not page_id:
+        raise BadRequest("pageId is required")
+    limit = query_int(request, "limit", 50, 1, MAX_LIMIT)
+    after = decode_cursor(request.query_params.get("cursor"))
+    storage = request.state.storage
+    if await storage.get_page(user, page_id) is None:
+        raise NotFound("Page not found")
+    rows = await storage.list_conversations(page_id, limit + 1, after)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    cursor = encode_cursor((rows[-1]["lastMessageTime"] or 0, rows[-1]["id"])) if more else None
+    return JSON({"conversations": rows, "nextCursor": cursor})
+
+
+async def list_events(request: Request) -> JSON:
+    """GET /api/conversations/{id}/events?limit=&cursor=."""
+    user = await require_user(request)
+    raw_id = request.path_params["conversation_id"]
+    if not raw_id.isdigit() or len(raw_id) > 18:
+        raise NotFound("Conversation not found")
+    limit = query_int(request, "limit", 50, 1, MAX_LIMIT)
+    after = decode_cursor(request.query_params.get("cursor"))
+    storage = request.state.storage
+    if await storage.get_conversation(user, int(raw_id)) is None:
+        raise NotFound("Conversation not found")
+    rows = await storage.list_events(int(raw_id), limit + 1, after)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    cursor = encode_cursor((rows[-1]["eventTimestamp"], rows[-1]["id"])) if more else None
+    return JSON({"events": rows, "nextCursor": cursor})
+
+
+routes = [
+    Route("/api/conversations", list_conversations, methods=["GET"]),
+    Route("/api/conversations/{conversation_id}/events", list_events, methods=["GET"]),
+]

@@ -1,0 +1,2 @@
+"""PLACEHOLDER."""
+routes: list = []

@@ -1,0 +1,1 @@
+"""msgspec structs for every payload that enters or leaves the service."""

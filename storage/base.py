@@ -1,0 +1,245 @@
+"""The storage interface: what the service asks of its database, on either engine.
+
+Everything here is drawn around what the service does (acquire a sync lock, save a page of
+conversations, record a batch of webhook bodies, ...), not around SQL. Times are milliseconds
+since the epoch, taken from the database's clock wherever they decide anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from records import ConversationRecord
+
+
+@dataclass(frozen=True)
+class Page:
+    """A Facebook Page as one user registered it. The token never shows in repr."""
+
+    id: str
+    user_id: str
+    facebook_page_id: str
+    name: str | None
+    token_status: str
+    created_at: int
+    updated_at: int
+    access_token: str = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The public view of a page: never the token."""
+        return {
+            "pageId": self.id,
+            "facebookPageId": self.facebook_page_id,
+            "name": self.name,
+            "tokenStatus": self.token_status,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A held sync lock: writes that carry its fencing token are refused once it is taken over."""
+
+    page_id: str
+    locked_by: str
+    fencing_token: int
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class SyncState:
+    """The progress of a page's sync session (one row per page)."""
+
+    page_id: str
+    user_id: str
+    sync_session_id: str
+    mode: str
+    last_cursor: str | None
+    total_synced: int
+    is_complete: bool
+    watermark: int | None  # newest updated_time of the last complete sync
+    session_watermark: int | None  # newest updated_time seen by the current session
+    completed_syncs: int
+    started_at: int
+    updated_at: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class SyncProgress:
+    """What a sync writes to sync_state together with a page of conversations."""
+
+    last_cursor: str | None
+    synced: int  # conversations processed in this page, added to total_synced
+    session_watermark: int | None
+    is_complete: bool = False
+    last_error: str | None = None
+
+
+@dataclass
+class WriteCounts:
+    """What a write of conversation records did."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    events_inserted: int = 0
+
+    def add(self, other: WriteCounts) -> None:
+        """Accumulate another write's counts into this one."""
+        self.inserted += other.inserted
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.events_inserted += other.events_inserted
+
+
+@dataclass(frozen=True)
+class InboxBody:
+    """A webhook body to record in the inbox, with its status (pending or invalid)."""
+
+    body: bytes
+    body_sha256: str
+    status: str = "pending"
+    error: str | None = None
+
+
+@dataclass
+class ApplyReport:
+    """What one pass of the applier did to the inbox."""
+
+    claimed: int = 0
+    applied: int = 0
+    ignored: int = 0
+    invalid: int = 0
+    counts: WriteCounts = field(default_factory=WriteCounts)
+    received_at: list[int] = field(default_factory=list)  # of the rows applied (ms; for the lag metric)
+
+
+# Turns an inbox body into (facebook page id, record) items; raises on a body it cannot read.
+WebhookParser = Callable[[bytes], Sequence[tuple[str, ConversationRecord]]]
+
+
+class Storage(Protocol):
+    """The one storage interface; `storage.open_storage(url)` picks the engine."""
+
+    # life cycle
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations in order, once each; returns the names applied now."""
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+
+    async def close(self) -> None:
+        """Close every connection."""
+
+    # api keys
+    async def add_api_key(self, user_id: str, key_hash: str) -> None:
+        """Store a hashed API key for a user."""
+
+    async def user_for_key_hash(self, key_hash: str) -> str | None:
+        """The user a hashed key belongs to, or None."""
+
+    # pages
+    async def register_page(
+        self, user_id: str, facebook_page_id: str, access_token: str, name: str | None
+    ) -> tuple[Page, bool]:
+        """Create or update (token, name; token_status back to valid) a user's page; True if created."""
+
+    async def list_pages(self, user_id: str) -> list[Page]:
+        """The user's pages, oldest first."""
+
+    async def get_page(self, user_id: str, page_id: str) -> Page | None:
+        """One of the user's pages, or None (also for another user's page)."""
+
+    async def find_page(self, page_id: str) -> Page | None:
+        """A page by its id, whoever registered it (operator commands only)."""
+
+    async def mark_token_invalid(self, page_id: str) -> None:
+        """Record that Graph refused the page's token (code 190)."""
+
+    # sync locks
+    async def acquire_sync_lock(self, page_id: str, locked_by: str, ttl_seconds: float) -> Lease | None:
+        """Take the page's lock if free or expired, in one statement; None while another lease is live."""
+
+    async def extend_sync_lock(self, lease: Lease, ttl_seconds: float) -> Lease | None:
+        """Push the lease's expiry; None if the lease was taken over or released."""
+
+    async def release_sync_lock(self, lease: Lease) -> bool:
+        """Release the lock if this lease still holds it."""
+
+    async def current_lock(self, page_id: str) -> Lease | None:
+        """The live lease on a page, if any."""
+
+    async def cleanup_expired_locks(self) -> int:
+        """Remove expired leases (their fencing tokens stay); returns how many."""
+
+    # sync state
+    async def get_sync_state(self, page_id: str) -> SyncState | None:
+        """The page's sync state, if it ever synced."""
+
+    async def start_sync_session(self, lease: Lease, user_id: str, session_id: str, mode: str) -> SyncState:
+        """Begin a new session for the page (fenced): cursor cleared, watermark kept."""
+
+    async def save_sync_progress(self, lease: Lease, progress: SyncProgress) -> SyncState:
+        """Write sync_state alone (fenced); raises LeaseLost if the lease was taken over."""
+
+    async def save_conversation_page(
+        self, lease: Lease, records: Sequence[ConversationRecord], progress: SyncProgress
+    ) -> WriteCounts:
+        """One transaction: the conversations, their events and the next cursor (fenced)."""
+
+    # conversations
+    async def write_conversations(self, page_id: str, records: Sequence[ConversationRecord]) -> WriteCounts:
+        """Upsert conversation records and their events for one page row, in one transaction."""
+
+    async def update_conversation(
+        self, conversation_id: int, expected_version: int, changes: dict[str, Any]
+    ) -> bool:
+        """Compare-and-set: apply changes and bump version only if version is still expected."""
+
+    async def get_conversation(self, user_id: str, conversation_id: int) -> dict[str, Any] | None:
+        """A conversation of one of the user's pages, or None."""
+
+    async def list_conversations(
+        self, page_id: str, limit: int, after: tuple[int, int] | None
+    ) -> list[dict[str, Any]]:
+        """Newest first by (last_message_time, id), strictly after the keyset position."""
+
+    async def list_events(
+        self, conversation_id: int, limit: int, after: tuple[int, int] | None
+    ) -> list[dict[str, Any]]:
+        """Newest first by (event_timestamp, id), strictly after the keyset position."""
+
+    # monitoring
+    async def active_syncs(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's pages whose sync lock is live (the seed's active_syncs)."""
+
+    async def sync_statistics(self, user_id: str) -> list[dict[str, Any]]:
+        """Per page counts and sync progress (the seed's sync_statistics)."""
+
+    # webhook inbox
+    async def record_webhook_batch(self, bodies: Sequence[InboxBody]) -> None:
+        """Commit raw bodies to the inbox in one transaction; a body already there is a no-op."""
+
+    async def apply_webhook_batch(
+        self, parse: WebhookParser, limit: int, ids: Sequence[int] | None = None
+    ) -> ApplyReport:
+        """Claim pending rows (or just `ids`), apply their events, mark them; one transaction."""
+
+    async def mark_webhook_failed(self, ids: Sequence[int], error: str) -> None:
+        """Mark inbox rows failed with the error (outside the failed transaction)."""
+
+    async def pending_webhook_ids(self, limit: int) -> list[int]:
+        """Ids of pending inbox rows, oldest first."""
+
+    async def requeue_webhooks(self, statuses: Sequence[str]) -> int:
+        """Set rows of these statuses back to pending (replay); returns how many."""
+
+    async def webhook_status_counts(self) -> dict[str, int]:
+        """Inbox rows by status."""
+
+    async def pending_webhook_count(self) -> int:
+        """How many inbox rows are pending (the applier's backlog)."""

@@ -1,0 +1,812 @@
+"""The storage interface written once in SQL, for both engines.
+
+The SQL here is PostgreSQL-flavoured and portable: `$1` placeholders, `now_ms()` for the
+database's clock, `FOR UPDATE` where PostgreSQL needs a row lock. Each engine (sqlite.py,
+postgres.py) supplies connections that translate what it must, plus two helpers for bulk
+statements (`rows` and `any_of`), so no engine test appears outside the engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+
+from errors import LeaseLost
+from records import MESSAGE_EVENT_TYPES, ConversationRecord, EventRecord
+from storage.base import (
+    ApplyReport,
+    InboxBody,
+    Lease,
+    Page,
+    SyncProgress,
+    SyncState,
+    WebhookParser,
+    WriteCounts,
+)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+# A conflicting version-checked update is retried this many times before giving up.
+CAS_ATTEMPTS = 8
+
+_json_encode = msgspec.json.Encoder().encode
+
+
+class Conn(Protocol):
+    """A connection as the shared SQL sees it (inside a transaction for writes)."""
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; returns the number of rows it touched."""
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        """Rows, each indexable by position and by column name."""
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any | None:
+        """The first row, or None."""
+
+    def rows(self, types: Sequence[str], rows: Sequence[Sequence[Any]], start: int) -> tuple[str, list[Any]]:
+        """A row source for INSERT or a CTE: SQL text and its arguments, numbered from `start`."""
+
+    def any_of(self, index: int, values: Sequence[Any], type_: str) -> tuple[str, list[Any]]:
+        """`= ANY(...)` / `IN (...)`: SQL text (after a column) and its arguments, from `index`."""
+
+    async def run_script(self, script: str) -> None:
+        """Run a migration script (several statements) inside the current transaction."""
+
+
+class Engine(Protocol):
+    """What an engine gives the shared SQL."""
+
+    name: str  # migration files ending .{name}.sql are this engine's
+
+    def transaction(self) -> AbstractAsyncContextManager[Conn]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE on the one writer)."""
+
+    def reader(self) -> AbstractAsyncContextManager[Conn]:
+        """A connection for reads outside any write transaction."""
+
+    def migration_transaction(self) -> AbstractAsyncContextManager[Conn]:
+        """A write transaction that also excludes other processes' migrations."""
+
+    async def close(self) -> None:
+        """Close every connection."""
+
+
+def _page(row: Any) -> Page:
+    return Page(
+        id=row["id"],
+        user_id=row["user_id"],
+        facebook_page_id=row["facebook_page_id"],
+        name=row["name"],
+        token_status=row["token_status"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        access_token=row["access_token"],
+    )
+
+
+def _lease(row: Any) -> Lease:
+    return Lease(
+        page_id=row["page_id"],
+        locked_by=row["locked_by"],
+        fencing_token=row["fencing_token"],
+        expires_at=row["expires_at"],
+    )
+
+
+def _sync_state(row: Any) -> SyncState:
+    return SyncState(
+        page_id=row["page_id"],
+        user_id=row["user_id"],
+        sync_session_id=row["sync_session_id"],
+        mode=row["mode"],
+        last_cursor=row["last_cursor"],
+        total_synced=row["total_synced"],
+        is_complete=bool(row["is_complete"]),
+        watermark=row["watermark"],
+        session_watermark=row["session_watermark"],
+        completed_syncs=row["completed_syncs"],
+        started_at=row["started_at"],
+        updated_at=row["updated_at"],
+        last_error=row["last_error"],
+    )
+
+
+def _event_key(event: EventRecord) -> tuple[str, str | int]:
+    """The identity the unique indexes enforce: the mid if there is one, else the timestamp."""
+    if event.message_id is not None:
+        return (event.event_type, event.message_id)
+    return (event.event_type, event.event_timestamp)
+
+
+def _merge_records(records: Sequence[ConversationRecord]) -> dict[str, ConversationRecord]:
+    """One record per contact, events deduplicated, fields merged (newest message wins)."""
+    merged: dict[str, ConversationRecord] = {}
+    for rec in records:
+        have = merged.get(rec.sender_id)
+        if have is None:
+            merged[rec.sender_id] = msgspec.structs.replace(rec, events=list(rec.events))
+            continue
+        have.events.extend(rec.events)
+        have.facebook_conversation_id = rec.facebook_conversation_id or have.facebook_conversation_id
+        have.sender_name = rec.sender_name or have.sender_name
+        if rec.message_count is not None:
+            have.message_count = rec.message_count
+        if rec.unread_count is not None:
+            have.unread_count = rec.unread_count
+        if rec.last_message_time is not None and (
+            have.last_message_time is None or rec.last_message_time > have.last_message_time
+        ):
+            have.last_message, have.last_message_time = rec.last_message, rec.last_message_time
+    for rec in merged.values():
+        seen: dict[tuple[str, str | int], EventRecord] = {}
+        for event in rec.events:
+            seen.setdefault(_event_key(event), event)
+        rec.events = list(seen.values())
+    return merged
+
+
+_CONVERSATION_COLUMNS = (
+    "id, page_id, facebook_conversation_id, sender_id, sender_name, last_message, "
+    "last_message_time, message_count, unread_count, version, created_at, updated_at"
+)
+_MUTABLE = (
+    "facebook_conversation_id",
+    "sender_name",
+    "last_message",
+    "last_message_time",
+    "message_count",
+    "unread_count",
+)
+
+
+def _merged_values(row: Any, rec: ConversationRecord, new_messages: int, new_received: int) -> dict[str, Any]:
+    """The row's mutable fields after merging a record into it (never moving time backwards)."""
+    values = {name: row[name] for name in _MUTABLE}
+    if rec.facebook_conversation_id:
+        values["facebook_conversation_id"] = rec.facebook_conversation_id
+    if rec.sender_name:
+        values["sender_name"] = rec.sender_name
+    if rec.last_message_time is not None and rec.last_message_time > values["last_message_time"]:
+        values["last_message"] = rec.last_message
+        values["last_message_time"] = rec.last_message_time
+    values["message_count"] = (
+        rec.message_count if rec.message_count is not None else values["message_count"] + new_messages
+    )
+    values["unread_count"] = (
+        rec.unread_count if rec.unread_count is not None else values["unread_count"] + new_received
+    )
+    return values
+
+
+def _conversation_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "pageId": row["page_id"],
+        "facebookConversationId": row["facebook_conversation_id"],
+        "senderId": row["sender_id"],
+        "senderName": row["sender_name"],
+        "lastMessage": row["last_message"],
+        "lastMessageTime": row["last_message_time"] or None,
+        "messageCount": row["message_count"],
+        "unreadCount": row["unread_count"],
+        "version": row["version"],
+        "createdAt": row["created_at"],
+        "updatedAt": row["updated_at"],
+    }
+
+
+def _event_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "conversationId": row["conversation_id"],
+        "pageId": row["page_id"],
+        "eventType": row["event_type"],
+        "messageId": row["message_id"],
+        "eventTimestamp": row["event_timestamp"],
+        "content": row["content"],
+        "payload": msgspec.json.decode(row["payload"]),
+        "createdAt": row["created_at"],
+    }
+
+
+class SQLStorage:
+    """`storage.base.Storage` over an engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        applied_now: list[str] = []
+        for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+            parts = path.name.split(".")
+            if len(parts) == 3 and parts[1] != self.engine.name:
+                continue  # the other engine's half of a pair
+            name = parts[0]
+            async with self.engine.migration_transaction() as conn:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(name TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)"
+                )
+                if await conn.fetchrow("SELECT 1 FROM schema_migrations WHERE name = $1", name):
+                    continue
+                await conn.run_script(path.read_text())
+                await conn.execute(
+                    "INSERT INTO schema_migrations (name, applied_at) VALUES ($1, now_ms())", name
+                )
+                applied_now.append(name)
+        return applied_now
+
+    async def ping(self) -> None:
+        async with self.engine.reader() as conn:
+            await conn.fetchrow("SELECT 1")
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    # ---- api keys -----------------------------------------------------------------------------
+
+    async def add_api_key(self, user_id: str, key_hash: str) -> None:
+        async with self.engine.transaction() as conn:
+            await conn.execute("INSERT INTO api_keys (user_id, key_hash) VALUES ($1, $2)", user_id, key_hash)
+
+    async def user_for_key_hash(self, key_hash: str) -> str | None:
+        async with self.engine.reader() as conn:
+            row = await conn.fetchrow("SELECT user_id FROM api_keys WHERE key_hash = $1", key_hash)
+        return None if row is None else row["user_id"]
+
+    # ---- pages -------------------------------------------------------------------------------
+
+    async def register_page(
+        self, user_id: str, facebook_page_id: str, access_token: str, name: str | None
+    ) -> tuple[Page, bool]:
+        async with self.engine.transaction() as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO facebook_pages (id, user_id, facebook_page_id, name, access_token) "
+                "VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT (user_id, facebook_page_id) DO UPDATE SET "
+                "access_token = excluded.access_token, "
+                "name = COALESCE(excluded.name, facebook_pages.name), "
+                "token_status = 'valid', updated_at = now_ms() "
+                "RETURNING *, (id = $1) AS created",
+                str(uuid.uuid4()),
+                user_id,
+                facebook_page_id,
+                name,
+                access_token,
+            )
+        assert row is not None
+        return _page(row), bool(row["created"])
+
+    async def list_pages(self, user_id: str) -> list[Page]:
+        async with self.engine.reader() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM facebook_pages WHERE user_id = $1 ORDER BY created_at, id", user_id
+            )
+        return [_page(r) for r in rows]
+
+    async def get_page(self, user_id: str, page_id: str) -> Page | None:
+        async with self.engine.reader() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM facebook_pages WHERE id = $1 AND user_id = $2", page_id, user_id
+            )
+        return None if row is None else _page(row)
+
+    async def find_page(self, page_id: str) -> Page | None:
+        async with self.engine.reader() as conn:
+            row = await conn.fetchrow("SELECT * FROM facebook_pages WHERE id = $1", page_id)
+        return None if row is None else _page(row)
+
+    async def mark_token_invalid(self, page_id: str) -> None:
+        async with self.engine.transaction() as conn:
+            await conn.execute(
+                "UPDATE facebook_pages SET token_status = 'invalid', updated_at = now_ms() WHERE id = $1",
+                page_id,
+            )
+
+    # ---- sync locks ------------------------------------------------------------------------------
+
+    async def acquire_sync_lock(self, page_id: str, locked_by: str, ttl_seconds: float) -> Lease | None:
+        # One statement, judged by the database's clock. The row stays after release and
+        # cleanup, so the token only grows.
+        async with self.engine.transaction() as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO sync_locks (page_id, locked_by, locked_at, expires_at, fencing_token) "
+                "VALUES ($1, $2, now_ms(), now_ms() + $3, 1) "
+                "ON CONFLICT (page_id) DO UPDATE SET locked_by = excluded.locked_by, "
+                "locked_at = excluded.locked_at, expires_at = excluded.expires_at, "
+                "fencing_token = sync_locks.fencing_token + 1 "
+                "WHERE sync_locks.locked_by IS NULL OR sync_locks.expires_at <= now_ms() "
+                "RETURNING page_id, locked_by, fencing_token, expires_at",
+                page_id,
+                locked_by,
+                int(ttl_seconds * 1000),
+            )
+        return None if row is None else _lease(row)
+
+    async def extend_sync_lock(self, lease: Lease, ttl_seconds: float) -> Lease | None:
+        async with self.engine.transaction() as conn:
+            row = await conn.fetchrow(
+                "UPDATE sync_locks SET expires_at = now_ms() + $3 "
+                "WHERE page_id = $1 AND fencing_token = $2 AND locked_by IS NOT NULL "
+                "RETURNING page_id, locked_by, fencing_token, expires_at",
+                lease.page_id,
+                lease.fencing_token,
+                int(ttl_seconds * 1000),
+            )
+        return None if row is None else _lease(row)
+
+    async def release_sync_lock(self, lease: Lease) -> bool:
+        async with self.engine.transaction() as conn:
+            n = await conn.execute(
+                "UPDATE sync_locks SET locked_by = NULL, expires_at = NULL "
+                "WHERE page_id = $1 AND fencing_token = $2 AND locked_by IS NOT NULL",
+                lease.page_id,
+                lease.fencing_token,
+            )
+        return n == 1
+
+    async def current_lock(self, page_id: str) -> Lease | None:
+        async with self.engine.reader() as conn:
+            row = await conn.fetchrow(
+                "SELECT page_id, locked_by, fencing_token, expires_at FROM sync_locks "
+                "WHERE page_id = $1 AND locked_by IS NOT NULL AND expires_at > now_ms()",
+                page_id,
+            )
+        return None if row is None else _lease(row)
+
+    async def cleanup_expired_locks(self) -> int:
+        async with self.engine.transaction() as conn:
+            return await conn.execute(
+                "UPDATE sync_locks SET locked_by = NULL, expires_at = NULL "
+                "WHERE locked_by IS NOT NULL AND expires_at <= now_ms()"
+            )
+
+    # ---- sync state ----------------------------------------------------------------------------
+
+    async def get_sync_state(self, page_id: str) -> SyncState | None:
+        async with self.engine.reader() as conn:
+            row = await conn.fetchrow("SELECT * FROM sync_state WHERE page_id = $1", page_id)
+        return None if row is None else _sync_state(row)
+
+    @staticmethod
+    async def _hold_lease(conn: Conn, lease: Lease) -> None:
+        """Lock the lease's row for this transaction, or raise LeaseLost if it was taken over.
+
+        On PostgreSQL the row lock makes a takeover wait until this transaction ends, so a
+        write checked here cannot interleave with a new holder's.
+        """
+        row = await conn.fetchrow(
+            "SELECT fencing_token FROM sync_locks "
+            "WHERE page_id = $1 AND fencing_token = $2 AND locked_by IS NOT NULL FOR UPDATE",
+            lease.page_id,
+            lease.fencing_token,
+        )
+        if row is None:
+            raise LeaseLost("The sync lock was taken over by another sync; this one stopped")
+
+    async def start_sync_session(self, lease: Lease, user_id: str, session_id: str, mode: str) -> SyncState:
+        async with self.engine.transaction() as conn:
+            await self._hold_lease(conn, lease)
+            row = await conn.fetchrow(
+                "INSERT INTO sync_state (page_id, user_id, sync_session_id, mode, last_cursor, "
+                "total_synced, is_complete, session_watermark, started_at, updated_at, last_error) "
+                "VALUES ($1, $2, $3, $4, NULL, 0, FALSE, NULL, now_ms(), now_ms(), NULL) "
+                "ON CONFLICT (page_id) DO UPDATE SET user_id = excluded.user_id, "
+                "sync_session_id = excluded.sync_session_id, mode = excluded.mode, "
+                "last_cursor = NULL, total_synced = 0, is_complete = FALSE, "
+                "session_watermark = NULL, started_at = excluded.started_at, "
+                "updated_at = excluded.updated_at, last_error = NULL "
+                "RETURNING *",
+                lease.page_id,
+                user_id,
+                session_id,
+                mode,
+            )
+        assert row is not None
+        return _sync_state(row)
+
+    @staticmethod
+    async def _write_progress(conn: Conn, lease: Lease, progress: SyncProgress) -> SyncState:
+        # A complete session moves the watermark to the newest conversation it saw.
+        row = await conn.fetchrow(
+            "UPDATE sync_state SET last_cursor = $2, total_synced = total_synced + $3, "
+            "session_watermark = COALESCE($4, session_watermark), is_complete = $5, "
+            "last_error = $6, updated_at = now_ms(), "
+            "watermark = CASE WHEN $5 THEN COALESCE($4, session_watermark, watermark) "
+            "ELSE watermark END, "
+            "completed_syncs = completed_syncs + CASE WHEN $5 THEN 1 ELSE 0 END, "
+            "completed_at = CASE WHEN $5 THEN now_ms() ELSE completed_at END "
+            "WHERE page_id = $1 RETURNING *",
+            lease.page_id,
+            progress.last_cursor,
+            progress.synced,
+            progress.session_watermark,
+            progress.is_complete,
+            progress.last_error,
+        )
+        if row is None:
+            raise LeaseLost("The sync session is gone; start a new one")
+        return _sync_state(row)
+
+    async def save_sync_progress(self, lease: Lease, progress: SyncProgress) -> SyncState:
+        async with self.engine.transaction() as conn:
+            await self._hold_lease(conn, lease)
+            return await self._write_progress(conn, lease, progress)
+
+    async def save_conversation_page(
+        self, lease: Lease, records: Sequence[ConversationRecord], progress: SyncProgress
+    ) -> WriteCounts:
+        async with self.engine.transaction() as conn:
+            await self._hold_lease(conn, lease)
+            counts = await self._write_records(conn, lease.page_id, records)
+            await self._write_progress(conn, lease, progress)
+        return counts
+
+    # ---- conversations -------------------------------------------------------------------------
+
+    async def write_conversations(self, page_id: str, records: Sequence[ConversationRecord]) -> WriteCounts:
+        async with self.engine.transaction() as conn:
+            return await self._write_records(conn, page_id, records)
+
+    async def _select_conversations(
+        self, conn: Conn, page_id: str, sender_ids: Sequence[str]
+    ) -> dict[str, Any]:
+        cond, args = conn.any_of(2, sender_ids, "text")
+        rows = await conn.fetch(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM messenger_conversations "
+            f"WHERE page_id = $1 AND sender_id {cond}",
+            page_id,
+            *args,
+        )
+        return {r["sender_id"]: r for r in rows}
+
+    async def _write_records(
+        self, conn: Conn, page_id: str, records: Sequence[ConversationRecord]
+    ) -> WriteCounts:
+        """Upsert records and their events with set-based statements; version-checked updates."""
+        counts = WriteCounts()
+        merged = _merge_records(records)
+        if not merged:
+            return counts
+        existing = await self._select_conversations(conn, page_id, list(merged))
+
+        # New conversations: every event of theirs is new, so their counts are known now.
+        new = [rec for sid, rec in merged.items() if sid not in existing]
+        ids: dict[str, int] = {sid: row["id"] for sid, row in existing.items()}
+        if new:
+            source, args = conn.rows(
+                ("text", "text", "text", "text", "text", "bigint", "int", "int"),
+                [
+                    (
+                        page_id,
+                        rec.sender_id,
+                        rec.facebook_conversation_id,
+                        rec.sender_name,
+                        rec.last_message,
+                        rec.last_message_time or 0,
+                        rec.message_count
+                        if rec.message_count is not None
+                        else sum(e.event_type in MESSAGE_EVENT_TYPES for e in rec.events),
+                        rec.unread_count
+                        if rec.unread_count is not None
+                        else sum(e.event_type == "message_received" for e in rec.events),
+                    )
+                    for rec in new
+                ],
+                1,
+            )
+            rows = await conn.fetch(
+                "INSERT INTO messenger_conversations (page_id, sender_id, facebook_conversation_id, "
+                "sender_name, last_message, last_message_time, message_count, unread_count) "
+                f"{source} ON CONFLICT (page_id, sender_id) DO NOTHING RETURNING id, sender_id",
+                *args,
+            )
+            created = {r["sender_id"] for r in rows}
+            counts.inserted = len(created)
+            ids.update({r["sender_id"]: r["id"] for r in rows})
+            raced = [rec.sender_id for rec in new if rec.sender_id not in created]
+            if raced:  # created by a concurrent transaction since we looked: merge into it
+                existing.update(await self._select_conversations(conn, page_id, raced))
+                ids.update({sid: existing[sid]["id"] for sid in raced})
+
+        # Events, all at once; the unique indexes drop the ones already stored.
+        new_messages: dict[int, int] = {}
+        new_received: dict[int, int] = {}
+        event_rows = [
+            (
+                ids[rec.sender_id],
+                page_id,
+                e.event_type,
+                e.message_id,
+                e.event_timestamp,
+                e.content,
+                _json_encode(e.payload).decode(),
+            )
+            for rec in merged.values()
+            for e in rec.events
+        ]
+        if event_rows:
+            source, args = conn.rows(
+                ("bigint", "text", "text", "text", "bigint", "text", "jsonb"), event_rows, 1
+            )
+            inserted = await conn.fetch(
+                "INSERT INTO contact_interaction_events (conversation_id, page_id, event_type, "
+                f"message_id, event_timestamp, content, payload) {source} "
+                "ON CONFLICT DO NOTHING RETURNING conversation_id, event_type",
+                *args,
+            )
+            counts.events_inserted = len(inserted)
+            for r in inserted:
+                if r["event_type"] in MESSAGE_EVENT_TYPES:
+                    new_messages[r["conversation_id"]] = new_messages.get(r["conversation_id"], 0) + 1
+                if r["event_type"] == "message_received":
+                    new_received[r["conversation_id"]] = new_received.get(r["conversation_id"], 0) + 1
+
+        # Existing conversations: compare-and-set on version, re-read and retry on conflict.
+        pending = {sid: existing[sid] for sid in merged if sid in existing}
+        for attempt in range(CAS_ATTEMPTS):
+            updates = []
+            for sid, row in pending.items():
+                cid = row["id"]
+                values = _merged_values(row, merged[sid], new_messages.get(cid, 0), new_received.get(cid, 0))
+                if all(values[k] == row[k] for k in _MUTABLE):
+                    counts.unchanged += 1
+                    continue
+                updates.append((cid, row["version"], *(values[k] for k in _MUTABLE)))
+            if not updates:
+                return counts
+            source, args = conn.rows(
+                ("bigint", "int", "text", "text", "text", "bigint", "int", "int"), updates, 1
+            )
+            done = await conn.fetch(
+                "WITH v (cid, expected_version, facebook_conversation_id, sender_name, last_message, "
+                f"last_message_time, message_count, unread_count) AS ({source}) "
+                "UPDATE messenger_conversations AS c SET "
+                "facebook_conversation_id = v.facebook_conversation_id, sender_name = v.sender_name, "
+                "last_message = v.last_message, last_message_time = v.last_message_time, "
+                "message_count = v.message_count, unread_count = v.unread_count, "
+                "version = c.version + 1, updated_at = now_ms() "
+                "FROM v WHERE c.id = v.cid AND c.version = v.expected_version RETURNING id",
+                *args,
+            )
+            done_ids = {r["id"] for r in done}
+            counts.updated += len(done_ids)
+            lost = {u[0] for u in updates} - done_ids
+            conflicted = [sid for sid, row in pending.items() if row["id"] in lost]
+            if not conflicted:
+                return counts
+            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+            pending = await self._select_conversations(conn, page_id, conflicted)
+        raise RuntimeError("conversation update kept conflicting; giving up")
+
+    async def update_conversation(
+        self, conversation_id: int, expected_version: int, changes: dict[str, Any]
+    ) -> bool:
+        unknown = set(changes) - set(_MUTABLE)
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        names = list(changes)
+        sets = ", ".join(f"{name} = ${i + 3}" for i, name in enumerate(names))
+        async with self.engine.transaction() as conn:
+            n = await conn.execute(
+                f"UPDATE messenger_conversations SET {sets}, version = version + 1, "
+                "updated_at = now_ms() WHERE id = $1 AND version = $2",
+                conversation_id,
+                expected_version,
+                *changes.values(),
+            )
+        return n == 1
+
+    async def get_conversation(self, user_id: str, conversation_id: int) -> dict[str, Any] | None:
+        async with self.engine.reader() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {', '.join('c.' + c.strip() for c in _CONVERSATION_COLUMNS.split(','))} "
+                "FROM messenger_conversations c JOIN facebook_pages p ON p.id = c.page_id "
+                "WHERE c.id = $1 AND p.user_id = $2",
+                conversation_id,
+                user_id,
+            )
+        return None if row is None else _conversation_json(row)
+
+    async def list_conversations(
+        self, page_id: str, limit: int, after: tuple[int, int] | None
+    ) -> list[dict[str, Any]]:
+        keyset = "AND (last_message_time, id) < ($3, $4) " if after else ""
+        async with self.engine.reader() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_CONVERSATION_COLUMNS} FROM messenger_conversations "
+                f"WHERE page_id = $1 {keyset}ORDER BY last_message_time DESC, id DESC LIMIT $2",
+                page_id,
+                limit,
+                *(after or ()),
+            )
+        return [_conversation_json(r) for r in rows]
+
+    async def list_events(
+        self, conversation_id: int, limit: int, after: tuple[int, int] | None
+    ) -> list[dict[str, Any]]:
+        keyset = "AND (event_timestamp, id) < ($3, $4) " if after else ""
+        async with self.engine.reader() as conn:
+            rows = await conn.fetch(
+                "SELECT id, conversation_id, page_id, event_type, message_id, event_timestamp, "
+                "content, payload, created_at FROM contact_interaction_events "
+                f"WHERE conversation_id = $1 {keyset}"
+                "ORDER BY event_timestamp DESC, id DESC LIMIT $2",
+                conversation_id,
+                limit,
+                *(after or ()),
+            )
+        return [_event_json(r) for r in rows]
+
+    # ---- monitoring --------------------------------------------------------------------------
+
+    async def active_syncs(self, user_id: str) -> list[dict[str, Any]]:
+        async with self.engine.reader() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM active_syncs WHERE user_id = $1 ORDER BY locked_at", user_id
+            )
+        return [
+            {
+                "pageId": r["page_id"],
+                "facebookPageId": r["facebook_page_id"],
+                "lockedBy": r["locked_by"],
+                "lockedAt": r["locked_at"],
+                "expiresAt": r["expires_at"],
+                "fencingToken": r["fencing_token"],
+                "syncSessionId": r["sync_session_id"],
+                "totalSynced": r["total_synced"],
+            }
+            for r in rows
+        ]
+
+    async def sync_statistics(self, user_id: str) -> list[dict[str, Any]]:
+        async with self.engine.reader() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM sync_statistics WHERE user_id = $1 ORDER BY page_id", user_id
+            )
+        return [
+            {
+                "pageId": r["page_id"],
+                "facebookPageId": r["facebook_page_id"],
+                "tokenStatus": r["token_status"],
+                "conversations": r["conversations"],
+                "events": r["events"],
+                "syncSessionId": r["sync_session_id"],
+                "isComplete": None if r["is_complete"] is None else bool(r["is_complete"]),
+                "totalSynced": r["total_synced"],
+                "completedSyncs": r["completed_syncs"] or 0,
+                "watermark": r["watermark"],
+                "startedAt": r["started_at"],
+                "updatedAt": r["updated_at"],
+                "completedAt": r["completed_at"],
+                "lastError": r["last_error"],
+            }
+            for r in rows
+        ]
+
+    # ---- webhook inbox -------------------------------------------------------------------------
+
+    async def record_webhook_batch(self, bodies: Sequence[InboxBody]) -> None:
+        if not bodies:
+            return
+        async with self.engine.transaction() as conn:
+            source, args = conn.rows(
+                ("bytea", "text", "text", "text"),
+                [(b.body, b.body_sha256, b.status, b.error) for b in bodies],
+                1,
+            )
+            await conn.execute(
+                f"INSERT INTO webhook_events (body, body_sha256, status, error) {source} "
+                "ON CONFLICT (body_sha256) DO NOTHING",
+                *args,
+            )
+
+    async def apply_webhook_batch(
+        self, parse: WebhookParser, limit: int, ids: Sequence[int] | None = None
+    ) -> ApplyReport:
+        report = ApplyReport()
+        async with self.engine.transaction() as conn:
+            if ids is None:
+                claimed = await conn.fetch(
+                    "SELECT id, body, received_at FROM webhook_events WHERE status = 'pending' "
+                    "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                    limit,
+                )
+            else:
+                cond, args = conn.any_of(1, ids, "bigint")
+                claimed = await conn.fetch(
+                    "SELECT id, body, received_at FROM webhook_events "
+                    f"WHERE status = 'pending' AND id {cond} ORDER BY id FOR UPDATE SKIP LOCKED",
+                    *args,
+                )
+            if not claimed:
+                return report
+            report.claimed = len(claimed)
+            status: dict[int, tuple[str, str | None]] = {}
+            parsed: dict[int, Sequence[tuple[str, ConversationRecord]]] = {}
+            for row in claimed:
+                try:
+                    parsed[row["id"]] = parse(bytes(row["body"]))
+                except Exception as exc:  # a body the schema no longer accepts stays replayable
+                    status[row["id"]] = ("invalid", str(exc)[:2000])
+            fb_ids = sorted({fb for items in parsed.values() for fb, _ in items})
+            page_rows: dict[str, list[str]] = {}
+            if fb_ids:
+                cond, args = conn.any_of(1, fb_ids, "text")
+                for r in await conn.fetch(
+                    f"SELECT id, facebook_page_id FROM facebook_pages WHERE facebook_page_id {cond} "
+                    "ORDER BY id",
+                    *args,
+                ):
+                    page_rows.setdefault(r["facebook_page_id"], []).append(r["id"])
+            by_page: dict[str, list[ConversationRecord]] = {}
+            for inbox_id, items in parsed.items():
+                targets = [(pid, rec) for fb, rec in items for pid in page_rows.get(fb, ())]
+                status[inbox_id] = ("applied", None) if targets else ("ignored", None)
+                for pid, rec in targets:
+                    by_page.setdefault(pid, []).append(rec)
+            for pid in sorted(by_page):
+                report.counts.add(await self._write_records(conn, pid, by_page[pid]))
+            received = {row["id"]: row["received_at"] for row in claimed}
+            report.received_at = [received[i] for i, (st, _) in status.items() if st == "applied"]
+            for name in ("applied", "ignored", "invalid"):
+                these = [(i, err) for i, (st, err) in status.items() if st == name]
+                setattr(report, name, len(these))
+                if these:
+                    source, args = conn.rows(("bigint", "text"), these, 2)
+                    await conn.execute(
+                        f"WITH v (wid, error) AS ({source}) "
+                        "UPDATE webhook_events AS w SET status = $1, error = v.error, "
+                        "attempts = w.attempts + 1, "
+                        "applied_at = CASE WHEN $1 = 'applied' THEN now_ms() ELSE NULL END "
+                        "FROM v WHERE w.id = v.wid",
+                        name,
+                        *args,
+                    )
+        return report
+
+    async def mark_webhook_failed(self, ids: Sequence[int], error: str) -> None:
+        async with self.engine.transaction() as conn:
+            cond, args = conn.any_of(2, ids, "bigint")
+            await conn.execute(
+                "UPDATE webhook_events SET status = 'failed', error = $1, attempts = attempts + 1 "
+                f"WHERE status = 'pending' AND id {cond}",
+                error[:2000],
+                *args,
+            )
+
+    async def pending_webhook_ids(self, limit: int) -> list[int]:
+        async with self.engine.reader() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM webhook_events WHERE status = 'pending' ORDER BY id LIMIT $1", limit
+            )
+        return [r["id"] for r in rows]
+
+    async def requeue_webhooks(self, statuses: Sequence[str]) -> int:
+        async with self.engine.transaction() as conn:
+            cond, args = conn.any_of(1, statuses, "text")
+            return await conn.execute(
+                f"UPDATE webhook_events SET status = 'pending' WHERE status {cond}", *args
+            )
+
+    async def webhook_status_counts(self) -> dict[str, int]:
+        async with self.engine.reader() as conn:
+            rows = await conn.fetch(
+                "SELECT status, count(*) AS n FROM webhook_events GROUP BY status ORDER BY status"
+            )
+        return {r["status"]: r["n"] for r in rows}
+
+    async def pending_webhook_count(self) -> int:
+        async with self.engine.reader() as conn:
+            row = await conn.fetchrow("SELECT count(*) AS n FROM webhook_events WHERE status = 'pending'")
+        return int(row["n"]) if row is not None else 0
