@@ -79,6 +79,9 @@ class PostgresEngine:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
             yield conn
 
+    def is_transient(self, exc: Exception) -> bool:
+        return isinstance(exc, asyncpg.DeadlockDetectedError | asyncpg.SerializationError)
+
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[PostgresConn]:
         assert self._pool is not None, "engine not open"

@@ -9,12 +9,13 @@ statements (`rows` and `any_of`), so no engine test appears outside the engines.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -35,6 +36,10 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 # A conflicting version-checked update is retried this many times before giving up.
 CAS_ATTEMPTS = 8
+# A write transaction that fails transiently (a deadlock on PostgreSQL) is run this many times.
+TRANSIENT_ATTEMPTS = 4
+
+_M = TypeVar("_M", bound=Callable[..., Awaitable[Any]])
 
 _json_encode = msgspec.json.Encoder().encode
 
@@ -75,8 +80,32 @@ class Engine(Protocol):
     def migration_transaction(self) -> AbstractAsyncContextManager[Conn]:
         """A write transaction that also excludes other processes' migrations."""
 
+    def is_transient(self, exc: Exception) -> bool:
+        """Whether a failed transaction may succeed if simply run again (e.g. a deadlock)."""
+
     async def close(self) -> None:
         """Close every connection."""
+
+
+def _retry_transient(method: _M) -> _M:
+    """Run a whole write transaction again when the engine says its failure was transient.
+
+    On PostgreSQL two transactions that touch the same conversations in different orders can
+    deadlock; the server aborts one, and running it again is the cure. SQLite has none.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: SQLStorage, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(TRANSIENT_ATTEMPTS):
+            try:
+                return await method(self, *args, **kwargs)
+            except Exception as exc:
+                if attempt + 1 == TRANSIENT_ATTEMPTS or not self.engine.is_transient(exc):
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.02 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _page(row: Any) -> Page:
@@ -145,6 +174,7 @@ def _merge_records(records: Sequence[ConversationRecord]) -> dict[str, Conversat
             have.last_message_time is None or rec.last_message_time > have.last_message_time
         ):
             have.last_message, have.last_message_time = rec.last_message, rec.last_message_time
+    merged = dict(sorted(merged.items()))  # one order for every writer: fewer lock cycles
     for rec in merged.values():
         seen: dict[tuple[str, str | int], EventRecord] = {}
         for event in rec.events:
@@ -443,6 +473,7 @@ class SQLStorage:
             await self._hold_lease(conn, lease)
             return await self._write_progress(conn, lease, progress)
 
+    @_retry_transient
     async def save_conversation_page(
         self, lease: Lease, records: Sequence[ConversationRecord], progress: SyncProgress
     ) -> WriteCounts:
@@ -454,6 +485,7 @@ class SQLStorage:
 
     # ---- conversations -------------------------------------------------------------------------
 
+    @_retry_transient
     async def write_conversations(self, page_id: str, records: Sequence[ConversationRecord]) -> WriteCounts:
         async with self.engine.transaction() as conn:
             return await self._write_records(conn, page_id, records)
@@ -711,6 +743,7 @@ class SQLStorage:
                 *args,
             )
 
+    @_retry_transient
     async def apply_webhook_batch(
         self, parse: WebhookParser, limit: int, ids: Sequence[int] | None = None
     ) -> ApplyReport:

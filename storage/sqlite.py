@@ -141,6 +141,10 @@ class SQLiteEngine:
     # BEGIN IMMEDIATE already excludes every other writer, other processes included.
     migration_transaction = transaction
 
+    def is_transient(self, exc: Exception) -> bool:
+        # One writer and a busy timeout: no deadlocks to retry.
+        return False
+
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[SQLiteConn]:
         db = await self._readers.get()
