@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import auth
 from applier import Applier
 from errors import ServiceError
-from graph_client import GraphClient
+from graph_client import GRAPH_TIMEOUT, GraphClient
 from metrics import Metrics
 from routes import conversations, ops, pages, sync, webhook
 from routes.common import JSON
@@ -39,8 +39,6 @@ from sync_engine import SyncEngine
 from webhook_intake import InboxWriter
 
 log = logging.getLogger("messenger_sync")
-
-GRAPH_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
 
 class RequestContext:
@@ -215,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "create-api-key":
         return asyncio.run(_create_api_key(settings, args.user))
     if args.command == "sync":
-        from sync_engine import run_sync_command
+        from sync_command import run_sync_command
 
         return asyncio.run(run_sync_command(settings, args.page_id, args.mode))
     if args.command == "replay-webhooks":

@@ -52,6 +52,9 @@ from schema.graph import (
 
 logger = logging.getLogger(__name__)
 
+# Timeouts of the service's Graph HTTP client: Graph can take seconds to assemble a page.
+GRAPH_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
 RATE_LIMIT_CODES = frozenset({4, 17, 32, 613, 80001, 80006})
 TRANSIENT_CODES = frozenset({1, 2})
 AUTH_CODE = 190

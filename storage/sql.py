@@ -187,6 +187,7 @@ _CONVERSATION_COLUMNS = (
     "id, page_id, facebook_conversation_id, sender_id, sender_name, last_message, "
     "last_message_time, message_count, unread_count, version, created_at, updated_at"
 )
+_CONVERSATION_COLUMNS_C = ", ".join("c." + c.strip() for c in _CONVERSATION_COLUMNS.split(","))
 _MUTABLE = (
     "facebook_conversation_id",
     "sender_name",
@@ -493,10 +494,12 @@ class SQLStorage:
     async def _select_conversations(
         self, conn: Conn, page_id: str, sender_ids: Sequence[str]
     ) -> dict[str, Any]:
-        cond, args = conn.any_of(2, sender_ids, "text")
+        # A join on the ids (not `IN`/`ANY`) steers PostgreSQL to the (page_id, sender_id) index
+        # even before the table has statistics; a page-wide scan grows with the page.
+        source, args = conn.rows(("text",), [(sid,) for sid in sender_ids], 2)
         rows = await conn.fetch(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM messenger_conversations "
-            f"WHERE page_id = $1 AND sender_id {cond}",
+            f"WITH s (sid) AS ({source}) SELECT {_CONVERSATION_COLUMNS_C} FROM s "
+            "JOIN messenger_conversations c ON c.page_id = $1 AND c.sender_id = s.sid",
             page_id,
             *args,
         )
@@ -642,7 +645,7 @@ class SQLStorage:
     async def get_conversation(self, user_id: str, conversation_id: int) -> dict[str, Any] | None:
         async with self.engine.reader() as conn:
             row = await conn.fetchrow(
-                f"SELECT {', '.join('c.' + c.strip() for c in _CONVERSATION_COLUMNS.split(','))} "
+                f"SELECT {_CONVERSATION_COLUMNS_C} "
                 "FROM messenger_conversations c JOIN facebook_pages p ON p.id = c.page_id "
                 "WHERE c.id = $1 AND p.user_id = $2",
                 conversation_id,

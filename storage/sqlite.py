@@ -10,6 +10,7 @@ timeout); a few reader connections beside it. Shared SQL is translated here: `$n
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -34,6 +35,15 @@ def translate(sql: str, _cache: dict[str, str] = {}) -> str:  # noqa: B006 - a d
         out = _FOR_UPDATE.sub("", _PARAM.sub(r"?\1", sql)).replace("now_ms()", NOW_MS)
         _cache[sql] = out
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _values(width: int, count: int, start: int) -> str:
+    """`VALUES ($1, $2), ($3, $4)`: built once per shape, since pages repeat their sizes."""
+    groups = (
+        "(" + ", ".join(f"${start + r * width + c}" for c in range(width)) + ")" for r in range(count)
+    )
+    return "VALUES " + ", ".join(groups)
 
 
 def split_script(script: str) -> list[str]:
@@ -69,19 +79,11 @@ class SQLiteConn:
         return list(await self.db.execute_fetchall(translate(sql), args))
 
     async def fetchrow(self, sql: str, *args: Any) -> Any | None:
-        rows = await self.db.execute_fetchall(translate(sql), args)
+        rows = list(await self.db.execute_fetchall(translate(sql), args))
         return rows[0] if rows else None
 
     def rows(self, types: Sequence[str], rows: Sequence[Sequence[Any]], start: int) -> tuple[str, list[Any]]:
-        width = len(types)
-        groups = []
-        args: list[Any] = []
-        n = start
-        for row in rows:
-            groups.append("(" + ", ".join(f"${n + i}" for i in range(width)) + ")")
-            n += width
-            args.extend(row)
-        return "VALUES " + ", ".join(groups), args
+        return _values(len(types), len(rows), start), [value for row in rows for value in row]
 
     def any_of(self, index: int, values: Sequence[Any], type_: str) -> tuple[str, list[Any]]:
         if not values:
