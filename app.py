@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import sys
 import time
@@ -47,12 +48,28 @@ class RequestContext:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Ids unique per process and across replicas: a random prefix and a counter (cheaper
+        # than a uuid per request on the webhook's hot path).
+        self._prefix = uuid.uuid4().hex[:8]
+        self._ids = itertools.count(1)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _metrics_for(self, method: str, route: str, status: int) -> tuple[Any, Any]:
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and formats strings: do it once per key
+            children = (
+                self.metrics.http_requests.labels(method, route, str(status)),
+                self.metrics.http_latency.labels(route),
+            )
+            self._children[key] = children
+        return children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex[:16]
+        request_id = f"{self._prefix}-{next(self._ids):x}"
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         started = time.perf_counter()
@@ -61,15 +78,18 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.http_requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.http_latency.labels(route).observe(time.perf_counter() - started)
+            count, latency = self._metrics_for(scope["method"], route, status)
+            count.inc()
+            latency.observe(time.perf_counter() - started)
 
 
 async def service_error(request: Request, exc: Exception) -> JSON:
@@ -120,8 +140,9 @@ def create_app(
             async with httpx.AsyncClient(
                 base_url=settings.graph_api_url, timeout=GRAPH_TIMEOUT, transport=graph_transport
             ) as http:
-                applier = Applier(storage, settings, metrics)
-                inbox = InboxWriter(storage, settings, metrics, on_commit=applier.notify)
+                inbox = InboxWriter(storage, settings, metrics)
+                applier = Applier(storage, settings, metrics, intake_saturated=inbox.saturated)
+                inbox.on_commit = applier.notify
                 await inbox.start()
                 if settings.run_applier:
                     await applier.start()
@@ -142,7 +163,8 @@ def create_app(
             await storage.close()
 
     app = Starlette(
-        routes=[*ops.routes, *pages.routes, *conversations.routes, *sync.routes, *webhook.routes],
+        # The webhook first: it is the hot path, and the router tries routes in order.
+        routes=[*webhook.routes, *ops.routes, *pages.routes, *conversations.routes, *sync.routes],
         exception_handlers={
             ServiceError: service_error,
             HTTPException: http_error,
@@ -200,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     sync_cmd.add_argument("--mode", choices=["incremental", "full"], default=None)
     sub.add_parser("replay-webhooks", help="apply failed and invalid inbox rows again")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
 
     if args.command == "serve":
@@ -224,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+# `uvicorn app:app`: our own INFO lines (sync outcomes, webhook batches) beside uvicorn's.
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 app = create_app()
 
 if __name__ == "__main__":

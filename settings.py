@@ -47,10 +47,12 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     # Webhook group commit: at most this many bodies per transaction, waiting at most this long.
     webhook_batch_max: int = 256
-    webhook_batch_wait_seconds: float = 0.002
+    webhook_batch_wait_seconds: float = 0.0
     # Background applier: inbox rows per transaction, and how often it looks for work it was not told of.
     applier_batch_size: int = 200
     applier_poll_seconds: float = 0.25
+    # While a burst saturates the intake, the applier yields to it for at most this long in a row.
+    applier_max_yield_seconds: float = 30.0
     run_applier: bool = True
 
     @classmethod

@@ -83,6 +83,13 @@ class PostgresEngine:
         return isinstance(exc, asyncpg.DeadlockDetectedError | asyncpg.SerializationError)
 
     @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[PostgresConn]:
+        # Outside a transaction block every statement is its own transaction: one round trip.
+        assert self._pool is not None, "engine not open"
+        async with self._pool.acquire() as conn:
+            yield PostgresConn(conn)
+
+    @asynccontextmanager
     async def reader(self) -> AsyncIterator[PostgresConn]:
         assert self._pool is not None, "engine not open"
         async with self._pool.acquire() as conn:

@@ -1,0 +1,350 @@
+"""Webhook intake benchmark: the service against a bare Starlette endpoint, same run, same machine.
+
+    python bench/webhook.py                       # SQLite and PostgreSQL, 10 s each, 32 connections
+    python bench/webhook.py --engines sqlite --duration 5 --profile /tmp/prof
+
+For each engine: a fresh database, the service under uvicorn (one worker, 127.0.0.1), a page
+registered, then wrk (``bench/webhook.lua``) POSTs pre-signed bodies with distinct message ids
+for ``--duration`` seconds at ``--connections`` connections. The ack rate and latency come from
+wrk; the end-to-end rate is inbox rows applied / (time from the first request until no inbox
+row is pending). The bare endpoint (``bench/bare_app.py``: verify + decode + 200) runs the same
+wrk load in the same run. SPEC targets: ack >= 0.8x bare with p99 < 50 ms; end-to-end >= 0.5x.
+
+``--profile DIR`` records the service with py-spy during the load (``pip install py-spy``)
+and prints the hottest functions. Needs ``wrk`` (``apt-get install -y wrk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from signature import sign  # noqa: E402
+from storage import open_storage  # noqa: E402
+
+SECRET = "bench-app-secret"
+API_KEY = "bench-key-0123456789"
+PAGE = "104325188712345"
+CONTACTS = 1000  # distinct PSIDs the events spread over
+PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1/test")
+LUA = Path(__file__).resolve().parent / "webhook.lua"
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    errors: int  # non-2xx answers and socket errors
+    wrapped: int  # a thread ran out of distinct bodies and started over
+    output: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_bodies(path: Path, count: int, tag: str) -> None:
+    """`count` signed one-message bodies with distinct mids, one per line: sig TAB body."""
+    encode = msgspec.json.encode
+    secret = SECRET.encode()
+    base_ts = 1_750_000_000_000
+    with path.open("wb") as out:
+        for i in range(count):
+            sender = str(7_700_000_000_000_000 + i % CONTACTS)
+            ts = base_ts + i
+            body = encode(
+                {
+                    "object": "page",
+                    "entry": [
+                        {
+                            "id": PAGE,
+                            "time": ts,
+                            "messaging": [
+                                {
+                                    "sender": {"id": sender},
+                                    "recipient": {"id": PAGE},
+                                    "timestamp": ts,
+                                    "message": {"mid": f"m_{tag}_{i:09d}", "text": f"benchmark message {i}"},
+                                }
+                            ],
+                        }
+                    ],
+                }
+            )
+            out.write(sign(secret, body).encode() + b"\t" + body + b"\n")
+
+
+def start_uvicorn(target: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--log-level", "warning", "--no-access-log",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{target} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{target} did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(port: int, bodies: Path, duration: int, connections: int, threads: int) -> WrkResult:
+    out = subprocess.run(
+        [
+            "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "10s",
+            "-s", str(LUA), f"http://127.0.0.1:{port}/api/webhook",
+        ],
+        env={**os.environ, "WEBHOOK_BODIES": str(bodies), "WEBHOOK_THREADS": str(threads)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    return WrkResult(
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        requests=int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
+        p50_ms=_ms(latency["50"]),
+        p99_ms=_ms(latency["99"]),
+        errors=errors,
+        wrapped=int(re.search(r"WRAPPED (\d+)", out).group(1)),  # type: ignore[union-attr]
+        output=out,
+    )
+
+
+async def wait_drained(database_url: str, bound_seconds: float = 300.0) -> dict[str, int]:
+    """Poll until no inbox row is pending; returns the status counts."""
+    storage = await open_storage(database_url)
+    try:
+        deadline = time.monotonic() + bound_seconds
+        while await storage.pending_webhook_count():
+            if time.monotonic() > deadline:
+                raise RuntimeError("inbox did not drain")
+            await asyncio.sleep(0.02)
+        return await storage.webhook_status_counts()
+    finally:
+        await storage.close()
+
+
+async def count_events(database_url: str) -> int:
+    storage = await open_storage(database_url)
+    try:
+        async with storage.engine.reader() as conn:  # type: ignore[attr-defined]
+            row = await conn.fetchrow("SELECT count(*) AS n FROM contact_interaction_events")
+        return int(row["n"])
+    finally:
+        await storage.close()
+
+
+async def pg_schema(action: str, schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f"{action} SCHEMA {schema}" + (" CASCADE" if action == "DROP" else ""))
+    finally:
+        await conn.close()
+
+
+def metric_summary(port: int) -> str:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    values = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) ([\d.e+-]+)$", text, re.M)}
+    batches = values.get("webhook_commit_batch_size_count", 0)
+    mean_batch = values.get("webhook_commit_batch_size_sum", 0) / batches if batches else 0
+    lag_n = values.get("webhook_apply_lag_seconds_count", 0)
+    within = values.get('webhook_apply_lag_seconds_bucket{le="1.0"}', 0)
+    lag_mean = values.get("webhook_apply_lag_seconds_sum", 0) / lag_n if lag_n else 0
+    return (
+        f"group commits: {batches:.0f} (mean {mean_batch:.1f} bodies); "
+        f"apply lag: mean {lag_mean * 1000:.0f} ms, {100 * within / lag_n if lag_n else 0:.1f}% within 1 s"
+    )
+
+
+def profile_summary(raw: Path, top: int = 25) -> str:
+    """The hottest functions of a py-spy raw (collapsed stacks) profile: self and total %."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = [re.sub(r" \((/[^)]*/)?([^/)]+)\)", r" (\2)", f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            total[frame] += n
+    lines = [f"{samples} samples; self%  total%  function"]
+    for frame, n in own.most_common(top):
+        lines.append(f"  {100 * n / samples:5.1f}  {100 * total[frame] / samples:6.1f}  {frame}")
+    return "\n".join(lines)
+
+
+def bench_service(
+    engine: str, args: argparse.Namespace, work: Path, bodies: Path
+) -> tuple[WrkResult, float, int, dict[str, int], str]:
+    schema = None
+    if engine == "sqlite":
+        database_url = f"sqlite:///{work}/bench-{uuid.uuid4().hex[:6]}.db"
+    else:
+        schema = f"bench_{uuid.uuid4().hex[:10]}"
+        asyncio.run(pg_schema("CREATE", schema))
+        database_url = f"{PG_URL}?search_path={schema}"
+    port = free_port()
+    env = {
+        "DATABASE_URL": database_url,
+        "FB_APP_SECRET": SECRET,
+        "FB_VERIFY_TOKEN": "bench",
+        "API_KEYS": f"bench:{API_KEY}",
+    }
+    proc = start_uvicorn("app:app", port, env)
+    profiler = None
+    try:
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/api/pages",
+            json={"facebookPageId": PAGE, "accessToken": "EAAB-bench"},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
+        r.raise_for_status()
+        if args.profile:
+            raw = Path(args.profile) / f"service-{engine}.txt"
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "-p", str(proc.pid), "-d", str(args.duration), "-r", "200",
+                 "-f", "raw", "-o", str(raw), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        started = time.monotonic()
+        result = run_wrk(port, bodies, args.duration, args.connections, args.threads)
+        counts = asyncio.run(wait_drained(database_url))
+        elapsed = time.monotonic() - started
+        summary = metric_summary(port)
+        if profiler is not None:
+            profiler.wait()
+            summary += "\n" + profile_summary(Path(args.profile) / f"service-{engine}.txt")
+        events = asyncio.run(count_events(database_url))
+        applied = counts.get("applied", 0)
+        if events != applied:
+            summary += f"\nWARNING: {applied} rows applied but {events} events stored"
+        return result, applied / elapsed, applied, counts, summary
+    finally:
+        stop(proc)
+        if schema is not None:
+            asyncio.run(pg_schema("DROP", schema))
+
+
+def bench_bare(args: argparse.Namespace, bodies: Path) -> WrkResult:
+    port = free_port()
+    proc = start_uvicorn("bench.bare_app:app", port, {"FB_APP_SECRET": SECRET})
+    try:
+        return run_wrk(port, bodies, args.duration, args.connections, args.threads)
+    finally:
+        stop(proc)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--engines", default="sqlite,postgres")
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load per run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (the machine has few cores)")
+    parser.add_argument("--bodies", type=int, default=0, help="distinct bodies (default: 15000/s of load)")
+    parser.add_argument("--profile", default=None, help="folder for py-spy profiles of the service")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+
+        stack = "uvicorn + uvloop + httptools"
+    except ImportError:
+        stack = "uvicorn + asyncio + h11 (install uvicorn[standard] for uvloop/httptools)"
+    print(f"server: {stack}, 1 worker; wrk -t{args.threads} -c{args.connections} -d{args.duration}s")
+
+    with tempfile.TemporaryDirectory(prefix="webhook-bench-") as tmp:
+        work = Path(tmp)
+        count = args.bodies or 15_000 * args.duration
+        bodies = work / "bodies.txt"
+        make_bodies(bodies, count, uuid.uuid4().hex[:8])
+        print(f"{count} distinct signed bodies ({bodies.stat().st_size // 1024} KiB)")
+        bare = bench_bare(args, bodies)
+        print(f"\nbare endpoint: {bare.rps:.0f} req/s, p50 {bare.p50_ms:.2f} ms, p99 {bare.p99_ms:.2f} ms")
+        ok = True
+        for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+            result, e2e, applied, counts, summary = bench_service(engine, args, work, bodies)
+            ack_ratio, e2e_ratio = result.rps / bare.rps, e2e / bare.rps
+            passed = ack_ratio >= 0.8 and e2e_ratio >= 0.5 and result.p99_ms < 50 and result.errors == 0
+            ok = ok and passed
+            print(
+                f"\n[{engine}] ack {result.rps:.0f} req/s (ratio {ack_ratio:.2f}), "
+                f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, errors {result.errors}, "
+                f"wraps {result.wrapped}\n"
+                f"[{engine}] end-to-end {e2e:.0f} events/s (ratio {e2e_ratio:.2f}): {applied} applied, "
+                f"inbox {counts}\n"
+                f"[{engine}] {summary}\n"
+                f"[{engine}] {'PASS' if passed else 'FAIL'} (targets: ack >= 0.8, e2e >= 0.5, p99 < 50 ms)"
+            )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
