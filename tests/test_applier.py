@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +17,7 @@ from metrics import Metrics
 from records import ConversationRecord
 from settings import Settings
 from storage import Storage
+from storage.base import InboxBody
 from tests.conftest import graph_transport, make_settings, register_page, running_app
 from tests.test_webhook_api import (
     PAGE,
@@ -31,6 +34,7 @@ from tests.test_webhook_api import (
     signed,
     wait_until_drained,
 )
+from webhook_intake import SATURATED_BATCH, InboxWriter
 
 POISON = "7700000000000666"
 Capsys = pytest.CaptureFixture[str]
@@ -200,3 +204,65 @@ async def test_background_applier_wakes_on_commit(db_url: str, storage: Storage)
     assert "webhook_apply_lag_seconds_count 1.0" in metrics
     (conv,) = await storage.list_conversations(page.id, 10, None)
     assert conv["lastMessage"] == "hello"
+
+
+class Saturation:
+    """Stands in for InboxWriter.saturated(): a switch the test flips."""
+
+    def __init__(self) -> None:
+        self.on = True
+
+    def __call__(self) -> bool:
+        return self.on
+
+
+async def test_applier_yields_to_a_saturated_intake_then_catches_up(db_url: str, storage: Storage) -> None:
+    page, _ = await storage.register_page("alice", PAGE, "EAAB-token", "Test Page")
+    saturated = Saturation()
+    applier = Applier(storage, make_settings(db_url), Metrics(), intake_saturated=saturated)
+    bodies = [message_body(f"m_{i}", f"burst {i}", 1_732_900_000_000 + i) for i in range(5)]
+    await storage.record_webhook_batch([InboxBody(b, hashlib.sha256(b).hexdigest()) for b in bodies])
+    await applier.start()
+    try:
+        applier.notify()
+        # While the burst lasts the rows wait, durably, in the inbox (the yield is not timed
+        # out: the default allows 30 s).
+        for _ in range(10):
+            await asyncio.sleep(0.02)
+            assert await storage.webhook_status_counts() == {"pending": 5}
+        saturated.on = False
+        assert await wait_until_drained(storage) == {"applied": 5}
+    finally:
+        await applier.stop()
+    (conv,) = await storage.list_conversations(page.id, 10, None)
+    assert conv["messageCount"] == 5
+
+
+async def test_applier_stops_yielding_after_its_bound(db_url: str, storage: Storage) -> None:
+    await storage.register_page("alice", PAGE, "EAAB-token", "Test Page")
+    settings = make_settings(db_url, applier_max_yield_seconds=0.1)
+    applier = Applier(storage, settings, Metrics(), intake_saturated=Saturation())  # saturated for ever
+    body = message_body("m_1", "hello", 1_732_900_000_000)
+    await storage.record_webhook_batch([InboxBody(body, hashlib.sha256(body).hexdigest())])
+    await applier.start()
+    try:
+        applier.notify()
+        assert await wait_until_drained(storage) == {"applied": 1}
+    finally:
+        await applier.stop()
+
+
+async def test_intake_counts_as_saturated_only_under_queueing(db_url: str, storage: Storage) -> None:
+    writer = InboxWriter(storage, make_settings(db_url), Metrics())
+    await writer.start()
+    try:
+        one = message_body("m_0", "alone", 1_732_900_000_000)
+        await writer.submit(InboxBody(one, hashlib.sha256(one).hexdigest()))
+        assert not writer.saturated()  # a lone request is normal load
+        burst = [
+            message_body(f"m_{i}", "burst", 1_732_900_000_000 + i) for i in range(1, 4 * SATURATED_BATCH)
+        ]
+        await asyncio.gather(*(writer.submit(InboxBody(b, hashlib.sha256(b).hexdigest())) for b in burst))
+        assert writer.saturated()
+    finally:
+        await writer.stop()
