@@ -32,7 +32,7 @@ from applier import Applier
 from errors import ServiceError
 from graph_client import GRAPH_TIMEOUT, GraphClient
 from metrics import Metrics
-from routes import conversations, ops, pages, sync, webhook
+from routes import conversations, dashboard, ops, pages, stream, sync, webhook
 from routes.common import JSON
 from settings import Settings
 from storage import Storage, open_storage
@@ -164,7 +164,15 @@ def create_app(
 
     app = Starlette(
         # The webhook first: it is the hot path, and the router tries routes in order.
-        routes=[*webhook.routes, *ops.routes, *pages.routes, *conversations.routes, *sync.routes],
+        routes=[
+            *webhook.routes,
+            *ops.routes,
+            *pages.routes,
+            *conversations.routes,
+            *sync.routes,
+            *stream.routes,
+            *dashboard.routes,
+        ],
         exception_handlers={
             ServiceError: service_error,
             HTTPException: http_error,

@@ -220,6 +220,15 @@ class Storage(Protocol):
     async def sync_statistics(self, user_id: str) -> list[dict[str, Any]]:
         """Per page counts and sync progress (the seed's sync_statistics)."""
 
+    # event stream
+    async def last_event_id(self, page_id: str) -> int:
+        """The highest event id of a page (0 when it has none)."""
+
+    async def events_after(
+        self, page_id: str, after_id: int, limit: int, until_id: int | None = None
+    ) -> list[dict[str, Any]]:
+        """A page's events with after_id < id (<= until_id), in id order."""
+
     # webhook inbox
     async def record_webhook_batch(self, bodies: Sequence[InboxBody]) -> None:
         """Commit raw bodies to the inbox in one transaction; a body already there is a no-op."""

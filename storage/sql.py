@@ -732,6 +732,32 @@ class SQLStorage:
             for r in rows
         ]
 
+    # ---- event stream --------------------------------------------------------------------------
+
+    async def last_event_id(self, page_id: str) -> int:
+        async with self.engine.reader() as conn:
+            row = await conn.fetchrow(
+                "SELECT COALESCE(MAX(id), 0) AS last FROM contact_interaction_events WHERE page_id = $1",
+                page_id,
+            )
+        return int(row["last"]) if row is not None else 0
+
+    async def events_after(
+        self, page_id: str, after_id: int, limit: int, until_id: int | None = None
+    ) -> list[dict[str, Any]]:
+        upper = "AND id <= $4 " if until_id is not None else ""
+        async with self.engine.reader() as conn:
+            rows = await conn.fetch(
+                "SELECT id, conversation_id, page_id, event_type, message_id, event_timestamp, "
+                "content, payload, created_at FROM contact_interaction_events "
+                f"WHERE page_id = $1 AND id > $2 {upper}ORDER BY id LIMIT $3",
+                page_id,
+                after_id,
+                limit,
+                *(() if until_id is None else (until_id,)),
+            )
+        return [_event_json(r) for r in rows]
+
     # ---- webhook inbox -------------------------------------------------------------------------
 
     async def record_webhook_batch(self, bodies: Sequence[InboxBody]) -> None:
