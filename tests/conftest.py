@@ -122,6 +122,20 @@ def client(settings: Settings, graph: respx.MockRouter) -> Iterator[TestClient]:
         yield test_client
 
 
+@pytest.fixture
+def quiet_settings(db_url: str) -> Settings:
+    """Settings whose app runs no background applier: tests drain explicitly."""
+    return make_settings(db_url, run_applier=False)
+
+
+@pytest.fixture
+def wclient(quiet_settings: Settings, graph: respx.MockRouter) -> Iterator[TestClient]:
+    """A TestClient on an app without a background applier (webhook tests drain explicitly)."""
+    app = create_app(quiet_settings, graph_transport=graph_transport(graph))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
 @contextlib.asynccontextmanager
 async def running_app(
     settings: Settings, router: respx.MockRouter | None = None

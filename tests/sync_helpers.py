@@ -84,7 +84,7 @@ class FakeGraph:
 
 
 class FakeTime:
-    """A clock shared by the SyncEngine and its GraphClient: it moves only when told or slept."""
+    """A monotonic clock that moves only when told or slept (shared by an engine and its client)."""
 
     def __init__(self) -> None:
         self.now = 1000.0

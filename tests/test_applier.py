@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import respx
 from starlette.testclient import TestClient
 
-from app import create_app
 from applier import Applier, run_replay_command
 from metrics import Metrics
 from records import ConversationRecord
 from settings import Settings
 from storage import Storage
 from storage.base import InboxBody
-from tests.conftest import graph_transport, make_settings, register_page, running_app
+from tests.conftest import make_settings, register_page, running_app
 from tests.test_webhook_api import (
     PAGE,
     WEBHOOKS,
@@ -38,19 +35,6 @@ from webhook_intake import SATURATED_BATCH, InboxWriter
 
 POISON = "7700000000000666"
 Capsys = pytest.CaptureFixture[str]
-
-
-@pytest.fixture
-def quiet_settings(db_url: str) -> Settings:
-    """Settings whose app runs no background applier: tests drain explicitly."""
-    return make_settings(db_url, run_applier=False)
-
-
-@pytest.fixture
-def wclient(quiet_settings: Settings, graph: respx.MockRouter) -> Iterator[TestClient]:
-    app = create_app(quiet_settings, graph_transport=graph_transport(graph))
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 async def post_async(http: Any, body: bytes) -> int:

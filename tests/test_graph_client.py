@@ -22,6 +22,7 @@ from errors import (
 )
 from graph_client import GraphClient
 from schema.graph import CONVERSATION_FIELDS
+from tests.sync_helpers import FakeTime
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "graph"
 BASE_URL = "https://graph.test/v25.0"
@@ -57,21 +58,6 @@ def usage(call_count: float, regain_minutes: float = 0) -> str:
         "estimated_time_to_regain_access": regain_minutes,
     }
     return json.dumps({PAGE: [entry]})
-
-
-class FakeTime:
-    """A monotonic clock that only moves when the client sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @asynccontextmanager

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import pytest
-import respx
 from starlette.datastructures import Secret
 from starlette.testclient import TestClient
 
@@ -30,7 +28,6 @@ from tests.conftest import (
     FIXTURES,
     VERIFY_TOKEN,
     auth_headers,
-    graph_transport,
     make_settings,
     register_page,
     running_app,
@@ -135,19 +132,6 @@ async def wait_until_drained(storage: Storage, bound_seconds: float = 30.0) -> d
             return counts
         assert loop.time() < deadline, f"inbox still pending: {counts}"
         await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-def quiet_settings(db_url: str) -> Settings:
-    """Settings whose app runs no background applier: tests drain explicitly."""
-    return make_settings(db_url, run_applier=False)
-
-
-@pytest.fixture
-def wclient(quiet_settings: Settings, graph: respx.MockRouter) -> Iterator[TestClient]:
-    app = create_app(quiet_settings, graph_transport=graph_transport(graph))
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 # ---- GET: subscription check ----------------------------------------------------------------------
