@@ -158,32 +158,64 @@ def _event_key(event: EventRecord) -> tuple[str, str | int]:
     return (event.event_type, event.event_timestamp)
 
 
+def _unique_events(events: list[EventRecord]) -> list[EventRecord]:
+    """The events without repeats (first one wins); the same list when there are none."""
+    keys = [_event_key(e) for e in events]
+    if len(set(keys)) == len(keys):
+        return events
+    seen: dict[tuple[str, str | int], EventRecord] = {}
+    for key, event in zip(keys, events, strict=True):
+        seen.setdefault(key, event)
+    return list(seen.values())
+
+
+def _count_messages(events: Sequence[EventRecord]) -> int:
+    return sum(e.event_type in MESSAGE_EVENT_TYPES for e in events)
+
+
+def _count_received(events: Sequence[EventRecord]) -> int:
+    return sum(e.event_type == "message_received" for e in events)
+
+
+def _merge_into(have: ConversationRecord, rec: ConversationRecord) -> None:
+    """Merge a later record of the same contact into `have` (newest message wins)."""
+    have.events.extend(rec.events)
+    have.facebook_conversation_id = rec.facebook_conversation_id or have.facebook_conversation_id
+    have.sender_name = rec.sender_name or have.sender_name
+    if rec.message_count is not None:
+        have.message_count = rec.message_count
+    if rec.unread_count is not None:
+        have.unread_count = rec.unread_count
+    if rec.last_message_time is not None and (
+        have.last_message_time is None or rec.last_message_time > have.last_message_time
+    ):
+        have.last_message, have.last_message_time = rec.last_message, rec.last_message_time
+
+
 def _merge_records(records: Sequence[ConversationRecord]) -> dict[str, ConversationRecord]:
-    """One record per contact, events deduplicated, fields merged (newest message wins)."""
+    """One record per contact, events deduplicated, fields merged (newest message wins).
+
+    The callers' records are never changed: a record is copied only when it must be
+    (a second record of its contact, or repeated events), which a page of distinct
+    conversations never needs.
+    """
     merged: dict[str, ConversationRecord] = {}
+    copied: set[str] = set()
     for rec in records:
         have = merged.get(rec.sender_id)
         if have is None:
-            merged[rec.sender_id] = msgspec.structs.replace(rec, events=list(rec.events))
+            merged[rec.sender_id] = rec
             continue
-        have.events.extend(rec.events)
-        have.facebook_conversation_id = rec.facebook_conversation_id or have.facebook_conversation_id
-        have.sender_name = rec.sender_name or have.sender_name
-        if rec.message_count is not None:
-            have.message_count = rec.message_count
-        if rec.unread_count is not None:
-            have.unread_count = rec.unread_count
-        if rec.last_message_time is not None and (
-            have.last_message_time is None or rec.last_message_time > have.last_message_time
-        ):
-            have.last_message, have.last_message_time = rec.last_message, rec.last_message_time
-    merged = dict(sorted(merged.items()))  # one order for every writer: fewer lock cycles
-    for rec in merged.values():
-        seen: dict[tuple[str, str | int], EventRecord] = {}
-        for event in rec.events:
-            seen.setdefault(_event_key(event), event)
-        rec.events = list(seen.values())
-    return merged
+        if rec.sender_id not in copied:
+            have = merged[rec.sender_id] = msgspec.structs.replace(have, events=list(have.events))
+            copied.add(rec.sender_id)
+        _merge_into(have, rec)
+    out: dict[str, ConversationRecord] = {}
+    for sid in sorted(merged):  # one order for every writer: fewer lock cycles
+        rec = merged[sid]
+        events = _unique_events(rec.events)
+        out[sid] = rec if events is rec.events else msgspec.structs.replace(rec, events=events)
+    return out
 
 
 _CONVERSATION_COLUMNS = (
@@ -201,23 +233,37 @@ _MUTABLE = (
 )
 
 
-def _merged_values(row: Any, rec: ConversationRecord, new_messages: int, new_received: int) -> dict[str, Any]:
-    """The row's mutable fields after merging a record into it (never moving time backwards)."""
-    values = {name: row[name] for name in _MUTABLE}
-    if rec.facebook_conversation_id:
-        values["facebook_conversation_id"] = rec.facebook_conversation_id
-    if rec.sender_name:
-        values["sender_name"] = rec.sender_name
-    if rec.last_message_time is not None and rec.last_message_time > values["last_message_time"]:
-        values["last_message"] = rec.last_message
-        values["last_message_time"] = rec.last_message_time
-    values["message_count"] = (
-        rec.message_count if rec.message_count is not None else values["message_count"] + new_messages
+def _merged_values(
+    row: Any, rec: ConversationRecord, new_messages: int, new_received: int
+) -> tuple[Any, ...]:
+    """The row's mutable fields (in `_MUTABLE` order) after merging a record into it.
+
+    Time never moves backwards. A tuple, not a dict: this runs once per stored contact of
+    every webhook batch.
+    """
+    last_message, last_message_time = row["last_message"], row["last_message_time"]
+    if rec.last_message_time is not None and rec.last_message_time > last_message_time:
+        last_message, last_message_time = rec.last_message, rec.last_message_time
+    return (
+        rec.facebook_conversation_id or row["facebook_conversation_id"],
+        rec.sender_name or row["sender_name"],
+        last_message,
+        last_message_time,
+        rec.message_count if rec.message_count is not None else row["message_count"] + new_messages,
+        rec.unread_count if rec.unread_count is not None else row["unread_count"] + new_received,
     )
-    values["unread_count"] = (
-        rec.unread_count if rec.unread_count is not None else values["unread_count"] + new_received
+
+
+def _stored_values(row: Any) -> tuple[Any, ...]:
+    """The row's mutable fields, in `_MUTABLE` order."""
+    return (
+        row["facebook_conversation_id"],
+        row["sender_name"],
+        row["last_message"],
+        row["last_message_time"],
+        row["message_count"],
+        row["unread_count"],
     )
-    return values
 
 
 def _conversation_json(row: Any) -> dict[str, Any]:
@@ -483,7 +529,7 @@ class SQLStorage:
     ) -> WriteCounts:
         async with self.engine.transaction() as conn:
             await self._hold_lease(conn, lease)
-            counts = await self._write_records(conn, lease.page_id, records)
+            counts = await self._write_records(conn, lease.page_id, records, expect_new=True)
             await self._write_progress(conn, lease, progress)
         return counts
 
@@ -497,8 +543,9 @@ class SQLStorage:
     async def _select_conversations(
         self, conn: Conn, page_id: str, sender_ids: Sequence[str]
     ) -> dict[str, Any]:
-        # A join on the ids (not `IN`/`ANY`) steers PostgreSQL to the (page_id, sender_id) index
-        # even before the table has statistics; a page-wide scan grows with the page.
+        # A join on the ids (not `IN`/`ANY`) lets PostgreSQL probe the (page_id, sender_id)
+        # index. Until autovacuum has analyzed a fresh table it may still scan the page's rows,
+        # which is one reason a first sync inserts before it looks (see `_write_records`).
         source, args = conn.rows(("text",), [(sid,) for sid in sender_ids], 2)
         rows = await conn.fetch(
             f"WITH s (sid) AS ({source}) SELECT {_CONVERSATION_COLUMNS_C} FROM s "
@@ -509,60 +556,93 @@ class SQLStorage:
         return {r["sender_id"]: r for r in rows}
 
     async def _write_records(
-        self, conn: Conn, page_id: str, records: Sequence[ConversationRecord]
+        self, conn: Conn, page_id: str, records: Sequence[ConversationRecord], *, expect_new: bool = False
     ) -> WriteCounts:
-        """Upsert records and their events with set-based statements; version-checked updates."""
+        """Upsert records and their events with set-based statements; version-checked updates.
+
+        `expect_new` (sync pages: a first sync brings only new contacts) skips looking for
+        stored conversations before inserting: the insert finds the ones that exist, and only
+        those are read. Otherwise (webhooks, whose contacts are mostly known) stored ones are
+        read first and only the rest inserted.
+        """
         counts = WriteCounts()
         merged = _merge_records(records)
         if not merged:
             return counts
-        existing = await self._select_conversations(conn, page_id, list(merged))
-
-        # New conversations: every event of theirs is new, so their counts are known now.
+        existing = {} if expect_new else await self._select_conversations(conn, page_id, list(merged))
         new = [rec for sid, rec in merged.items() if sid not in existing]
-        ids: dict[str, int] = {sid: row["id"] for sid, row in existing.items()}
-        if new:
-            source, args = conn.rows(
-                ("text", "text", "text", "text", "text", "bigint", "int", "int"),
-                [
-                    (
-                        page_id,
-                        rec.sender_id,
-                        rec.facebook_conversation_id,
-                        rec.sender_name,
-                        rec.last_message,
-                        rec.last_message_time or 0,
-                        rec.message_count
-                        if rec.message_count is not None
-                        else sum(e.event_type in MESSAGE_EVENT_TYPES for e in rec.events),
-                        rec.unread_count
-                        if rec.unread_count is not None
-                        else sum(e.event_type == "message_received" for e in rec.events),
-                    )
-                    for rec in new
-                ],
-                1,
+        ids = await self._insert_conversations(conn, page_id, new) if new else {}
+        counts.inserted = len(ids)
+        stored = [rec.sender_id for rec in new if rec.sender_id not in ids]
+        if stored:  # inserted by another transaction since we looked, or expected new: merge into it
+            existing.update(await self._select_conversations(conn, page_id, stored))
+        # A conversation created here has no stored events (no other transaction can see it
+        # yet), so its events need no conflict check: a plain INSERT spares PostgreSQL's
+        # speculative insertion. Which events were new matters only to a stored conversation
+        # whose record leaves a count to us (webhooks); a sync's records bring both from Graph.
+        created = [(ids[rec.sender_id], rec) for rec in new if rec.sender_id in ids]
+        counts.events_inserted, _ = await self._insert_events(conn, page_id, created, stored=False)
+        if existing:
+            targets = [(existing[sid]["id"], rec) for sid, rec in merged.items() if sid in existing]
+            per_conversation = any(r.message_count is None or r.unread_count is None for _, r in targets)
+            n, inserted = await self._insert_events(
+                conn, page_id, targets, stored=True, per_conversation=per_conversation
             )
-            rows = await conn.fetch(
-                "INSERT INTO messenger_conversations (page_id, sender_id, facebook_conversation_id, "
-                "sender_name, last_message, last_message_time, message_count, unread_count) "
-                f"{source} ON CONFLICT (page_id, sender_id) DO NOTHING RETURNING id, sender_id",
-                *args,
-            )
-            created = {r["sender_id"] for r in rows}
-            counts.inserted = len(created)
-            ids.update({r["sender_id"]: r["id"] for r in rows})
-            raced = [rec.sender_id for rec in new if rec.sender_id not in created]
-            if raced:  # created by a concurrent transaction since we looked: merge into it
-                existing.update(await self._select_conversations(conn, page_id, raced))
-                ids.update({sid: existing[sid]["id"] for sid in raced})
+            counts.events_inserted += n
+            await self._update_conversations(conn, page_id, merged, existing, inserted, counts)
+        return counts
 
-        # Events, all at once; the unique indexes drop the ones already stored.
-        new_messages: dict[int, int] = {}
-        new_received: dict[int, int] = {}
+    @staticmethod
+    async def _insert_conversations(
+        conn: Conn, page_id: str, records: Sequence[ConversationRecord]
+    ) -> dict[str, int]:
+        """Insert conversations not stored yet: {sender_id: id} of those this call created.
+
+        A new conversation's events are all new, so its counts are known now.
+        """
+        source, args = conn.rows(
+            ("text", "text", "text", "text", "text", "bigint", "int", "int"),
+            [
+                (
+                    page_id,
+                    rec.sender_id,
+                    rec.facebook_conversation_id,
+                    rec.sender_name,
+                    rec.last_message,
+                    rec.last_message_time or 0,
+                    rec.message_count if rec.message_count is not None else _count_messages(rec.events),
+                    rec.unread_count if rec.unread_count is not None else _count_received(rec.events),
+                )
+                for rec in records
+            ],
+            1,
+        )
+        rows = await conn.fetch(
+            "INSERT INTO messenger_conversations (page_id, sender_id, facebook_conversation_id, "
+            "sender_name, last_message, last_message_time, message_count, unread_count) "
+            f"{source} ON CONFLICT (page_id, sender_id) DO NOTHING RETURNING id, sender_id",
+            *args,
+        )
+        return {r["sender_id"]: r["id"] for r in rows}
+
+    @staticmethod
+    async def _insert_events(
+        conn: Conn,
+        page_id: str,
+        targets: Sequence[tuple[int, ConversationRecord]],
+        *,
+        stored: bool,
+        per_conversation: bool = False,
+    ) -> tuple[int, list[Any]]:
+        """Insert the events of (conversation id, record) pairs at once.
+
+        For `stored` conversations the unique indexes drop the events already stored. Returns
+        how many were inserted and, if `per_conversation`, the (conversation_id, event_type)
+        of each: RETURNING rows cost SQLite about half the insert.
+        """
         event_rows = [
             (
-                ids[rec.sender_id],
+                cid,
                 page_id,
                 e.event_type,
                 e.message_id,
@@ -570,39 +650,53 @@ class SQLStorage:
                 e.content,
                 _json_encode(e.payload).decode(),
             )
-            for rec in merged.values()
+            for cid, rec in targets
             for e in rec.events
         ]
-        if event_rows:
-            source, args = conn.rows(
-                ("bigint", "text", "text", "text", "bigint", "text", "jsonb"), event_rows, 1
-            )
-            inserted = await conn.fetch(
-                "INSERT INTO contact_interaction_events (conversation_id, page_id, event_type, "
-                f"message_id, event_timestamp, content, payload) {source} "
-                "ON CONFLICT DO NOTHING RETURNING conversation_id, event_type",
-                *args,
-            )
-            counts.events_inserted = len(inserted)
-            for r in inserted:
-                if r["event_type"] in MESSAGE_EVENT_TYPES:
-                    new_messages[r["conversation_id"]] = new_messages.get(r["conversation_id"], 0) + 1
-                if r["event_type"] == "message_received":
-                    new_received[r["conversation_id"]] = new_received.get(r["conversation_id"], 0) + 1
+        if not event_rows:
+            return 0, []
+        source, args = conn.rows(("bigint", "text", "text", "text", "bigint", "text", "jsonb"), event_rows, 1)
+        sql = (
+            "INSERT INTO contact_interaction_events (conversation_id, page_id, event_type, "
+            f"message_id, event_timestamp, content, payload) {source}"
+        )
+        if stored:
+            sql += " ON CONFLICT DO NOTHING"
+        if not per_conversation:
+            return await conn.execute(sql, *args), []
+        rows = await conn.fetch(f"{sql} RETURNING conversation_id, event_type", *args)
+        return len(rows), rows
 
-        # Existing conversations: compare-and-set on version, re-read and retry on conflict.
-        pending = {sid: existing[sid] for sid in merged if sid in existing}
+    async def _update_conversations(
+        self,
+        conn: Conn,
+        page_id: str,
+        merged: dict[str, ConversationRecord],
+        existing: dict[str, Any],
+        inserted_events: Sequence[Any],
+        counts: WriteCounts,
+    ) -> None:
+        """Merge records into stored conversations: compare-and-set on version, re-read and
+        retry on conflict; a conversation the merge does not change keeps its version."""
+        new_messages: dict[int, int] = {}
+        new_received: dict[int, int] = {}
+        for r in inserted_events:
+            if r["event_type"] in MESSAGE_EVENT_TYPES:
+                new_messages[r["conversation_id"]] = new_messages.get(r["conversation_id"], 0) + 1
+            if r["event_type"] == "message_received":
+                new_received[r["conversation_id"]] = new_received.get(r["conversation_id"], 0) + 1
+        pending = existing
         for attempt in range(CAS_ATTEMPTS):
             updates = []
             for sid, row in pending.items():
                 cid = row["id"]
                 values = _merged_values(row, merged[sid], new_messages.get(cid, 0), new_received.get(cid, 0))
-                if all(values[k] == row[k] for k in _MUTABLE):
+                if values == _stored_values(row):
                     counts.unchanged += 1
-                    continue
-                updates.append((cid, row["version"], *(values[k] for k in _MUTABLE)))
+                else:
+                    updates.append((cid, row["version"], *values))
             if not updates:
-                return counts
+                return
             source, args = conn.rows(
                 ("bigint", "int", "text", "text", "text", "bigint", "int", "int"), updates, 1
             )
@@ -620,9 +714,9 @@ class SQLStorage:
             done_ids = {r["id"] for r in done}
             counts.updated += len(done_ids)
             lost = {u[0] for u in updates} - done_ids
+            if not lost:
+                return
             conflicted = [sid for sid, row in pending.items() if row["id"] in lost]
-            if not conflicted:
-                return counts
             await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
             pending = await self._select_conversations(conn, page_id, conflicted)
         raise RuntimeError("conversation update kept conflicting; giving up")
