@@ -23,8 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter
-
 from metrics import Metrics
 from records import ConversationRecord
 from settings import Settings
@@ -104,11 +102,6 @@ class Applier:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._gauge_at = 0.0
-        self.unknown_items = Counter(
-            "webhook_unknown_items",
-            "Webhook items of an unknown kind (or without a contact), skipped",
-            registry=metrics.registry,
-        )
 
     async def start(self) -> None:
         """Start the background task; it drains what is pending at once."""
@@ -221,7 +214,7 @@ class Applier:
         summary.add(report)
         summary.unknown_items += parser.unknown
         if parser.unknown:
-            self.unknown_items.inc(parser.unknown)
+            self.metrics.webhook_unknown_items.inc(parser.unknown)
         applied = self.metrics.webhook_applied
         for status in ("applied", "ignored", "invalid"):
             n = getattr(report, status)

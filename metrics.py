@@ -40,6 +40,11 @@ class Metrics:
         self.webhook_applied = Counter(
             "webhook_inbox_rows", "Inbox rows processed by the applier", ["status"], registry=r
         )
+        self.webhook_unknown_items = Counter(
+            "webhook_unknown_items",
+            "Webhook items of an unknown kind (or without a contact), skipped",
+            registry=r,
+        )
         self.webhook_apply_lag = Histogram(
             "webhook_apply_lag_seconds",
             "From inbox commit to applied",
