@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,9 +256,10 @@ def profile_summary(raw: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
-def bench_service(
-    engine: str, args: argparse.Namespace, work: Path, bodies: Path
-) -> tuple[WrkResult, float, int, dict[str, int], str]:
+@contextlib.contextmanager
+def service(engine: str, work: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, str]]:
+    """The service under uvicorn on a fresh database with the bench page registered:
+    (process, port, DATABASE_URL); the database is dropped afterwards."""
     schema = None
     if engine == "sqlite":
         database_url = f"sqlite:///{work}/bench-{uuid.uuid4().hex[:6]}.db"
@@ -272,14 +275,24 @@ def bench_service(
         "API_KEYS": f"bench:{API_KEY}",
     }
     proc = start_uvicorn("app:app", port, env)
-    profiler = None
     try:
-        r = httpx.post(
+        httpx.post(
             f"http://127.0.0.1:{port}/api/pages",
             json={"facebookPageId": PAGE, "accessToken": "EAAB-bench"},
             headers={"Authorization": f"Bearer {API_KEY}"},
-        )
-        r.raise_for_status()
+        ).raise_for_status()
+        yield proc, port, database_url
+    finally:
+        stop(proc)
+        if schema is not None:
+            asyncio.run(pg_schema("DROP", schema))
+
+
+def bench_service(
+    engine: str, args: argparse.Namespace, work: Path, bodies: Path
+) -> tuple[WrkResult, float, int, dict[str, int], str]:
+    with service(engine, work) as (proc, port, database_url):
+        profiler = None
         if args.profile:
             raw = Path(args.profile) / f"service-{engine}.txt"
             profiler = subprocess.Popen(
@@ -310,80 +323,42 @@ def bench_service(
             profiler.wait()
             summary += "\n" + profile_summary(Path(args.profile) / f"service-{engine}.txt")
         events = asyncio.run(count_events(database_url))
-        applied = counts.get("applied", 0)
-        if events != applied:
-            summary += f"\nWARNING: {applied} rows applied but {events} events stored"
-        return result, applied / elapsed, applied, counts, summary
-    finally:
-        stop(proc)
-        if schema is not None:
-            asyncio.run(pg_schema("DROP", schema))
+    applied = counts.get("applied", 0)
+    if events != applied:
+        summary += f"\nWARNING: {applied} rows applied but {events} events stored"
+    return result, applied / elapsed, applied, counts, summary
 
 
 def paced_lag(engine: str, work: Path, count: int = 300, rate: float = 100.0) -> str:
     """Normal load: `count` webhooks at `rate` per second; the apply lag from /metrics."""
-    schema = None
-    if engine == "sqlite":
-        database_url = f"sqlite:///{work}/paced-{uuid.uuid4().hex[:6]}.db"
-    else:
-        schema = f"bench_{uuid.uuid4().hex[:10]}"
-        asyncio.run(pg_schema("CREATE", schema))
-        database_url = f"{PG_URL}?search_path={schema}"
-    port = free_port()
-    proc = start_uvicorn(
-        "app:app",
-        port,
-        {"DATABASE_URL": database_url, "FB_APP_SECRET": SECRET, "API_KEYS": f"bench:{API_KEY}"},
+    with service(engine, work) as (_, port, _url), httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+        started = time.monotonic()
+        for i in range(count):
+            item = {
+                "sender": {"id": str(7_700_000_000_000_000 + i % 50)},
+                "recipient": {"id": PAGE},
+                "timestamp": 1_732_900_000_000 + i,
+                "message": {"mid": f"m_paced_{i}", "text": "hi"},
+            }
+            body = msgspec.json.encode(
+                {"object": "page", "entry": [{"id": PAGE, "time": 1, "messaging": [item]}]}
+            )
+            headers = {"X-Hub-Signature-256": sign(SECRET.encode(), body)}
+            http.post("/api/webhook", content=body, headers=headers).raise_for_status()
+            time.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))
+        time.sleep(1.0)
+        text = http.get("/metrics").text
+
+    def metric(name: str) -> float:
+        found = re.search(rf"^webhook_apply_lag_seconds_{re.escape(name)} (\S+)$", text, re.M)
+        assert found is not None, f"no webhook_apply_lag_seconds_{name} in /metrics"
+        return float(found.group(1))
+
+    applied, within = metric("count"), metric('bucket{le="1.0"}')
+    return (
+        f"normal load ({count} at {rate:.0f}/s): {applied:.0f} applied, mean lag "
+        f"{metric('sum') / applied * 1000:.1f} ms, {within / applied:.0%} within 1 s"
     )
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
-            http.post(
-                "/api/pages",
-                json={"facebookPageId": PAGE, "accessToken": "EAAB-bench"},
-                headers={"Authorization": f"Bearer {API_KEY}"},
-            ).raise_for_status()
-            started = time.monotonic()
-            for i in range(count):
-                body = msgspec.json.encode(
-                    {
-                        "object": "page",
-                        "entry": [
-                            {
-                                "id": PAGE,
-                                "time": 1,
-                                "messaging": [
-                                    {
-                                        "sender": {"id": str(7_700_000_000_000_000 + i % 50)},
-                                        "recipient": {"id": PAGE},
-                                        "timestamp": 1_732_900_000_000 + i,
-                                        "message": {"mid": f"m_paced_{i}", "text": "hi"},
-                                    }
-                                ],
-                            }
-                        ],
-                    }
-                )
-                response = http.post(
-                    "/api/webhook", content=body, headers={"X-Hub-Signature-256": sign(SECRET.encode(), body)}
-                )
-                response.raise_for_status()
-                time.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))
-            time.sleep(1.0)
-            text = http.get("/metrics").text
-
-        def metric(name: str) -> float:
-            return float(re.search(rf"^webhook_apply_lag_seconds_{name} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-
-        applied = metric("count")
-        within = metric('bucket{le="1.0"}')
-        return (
-            f"normal load ({count} at {rate:.0f}/s): {applied:.0f} applied, mean lag "
-            f"{metric('sum') / applied * 1000:.1f} ms, {within / applied:.0%} within 1 s"
-        )
-    finally:
-        stop(proc)
-        if schema is not None:
-            asyncio.run(pg_schema("DROP", schema))
 
 
 def bench_bare(args: argparse.Namespace, bodies: Path) -> WrkResult:
