@@ -13,14 +13,13 @@ import functools
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from errors import LeaseLost
-from records import MESSAGE_EVENT_TYPES, ConversationRecord, EventRecord
+from records import ConversationRecord
 from storage.base import (
     ApplyReport,
     InboxBody,
@@ -31,63 +30,15 @@ from storage.base import (
     WebhookParser,
     WriteCounts,
 )
+from storage.conversations import CONVERSATION_COLUMNS, CONVERSATION_COLUMNS_C, MUTABLE, write_records
+from storage.engine import Conn, Engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
-# A conflicting version-checked update is retried this many times before giving up.
-CAS_ATTEMPTS = 8
 # A write transaction that fails transiently (a deadlock on PostgreSQL) is run this many times.
 TRANSIENT_ATTEMPTS = 4
 
 _M = TypeVar("_M", bound=Callable[..., Awaitable[Any]])
-
-_json_encode = msgspec.json.Encoder().encode
-
-
-class Conn(Protocol):
-    """A connection as the shared SQL sees it (inside a transaction for writes)."""
-
-    async def execute(self, sql: str, *args: Any) -> int:
-        """Run a statement; returns the number of rows it touched."""
-
-    async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        """Rows, each indexable by position and by column name."""
-
-    async def fetchrow(self, sql: str, *args: Any) -> Any | None:
-        """The first row, or None."""
-
-    def rows(self, types: Sequence[str], rows: Sequence[Sequence[Any]], start: int) -> tuple[str, list[Any]]:
-        """A row source for INSERT or a CTE: SQL text and its arguments, numbered from `start`."""
-
-    def any_of(self, index: int, values: Sequence[Any], type_: str) -> tuple[str, list[Any]]:
-        """`= ANY(...)` / `IN (...)`: SQL text (after a column) and its arguments, from `index`."""
-
-    async def run_script(self, script: str) -> None:
-        """Run a migration script (several statements) inside the current transaction."""
-
-
-class Engine(Protocol):
-    """What an engine gives the shared SQL."""
-
-    name: str  # migration files ending .{name}.sql are this engine's
-
-    def transaction(self) -> AbstractAsyncContextManager[Conn]:
-        """A write transaction (SQLite: BEGIN IMMEDIATE on the one writer)."""
-
-    def reader(self) -> AbstractAsyncContextManager[Conn]:
-        """A connection for reads outside any write transaction."""
-
-    def migration_transaction(self) -> AbstractAsyncContextManager[Conn]:
-        """A write transaction that also excludes other processes' migrations."""
-
-    def autocommit(self) -> AbstractAsyncContextManager[Conn]:
-        """A connection on which each statement commits alone: for writes of one statement."""
-
-    def is_transient(self, exc: Exception) -> bool:
-        """Whether a failed transaction may succeed if simply run again (e.g. a deadlock)."""
-
-    async def close(self) -> None:
-        """Close every connection."""
 
 
 def _retry_transient(method: _M) -> _M:
@@ -148,121 +99,6 @@ def _sync_state(row: Any) -> SyncState:
         started_at=row["started_at"],
         updated_at=row["updated_at"],
         last_error=row["last_error"],
-    )
-
-
-def _event_key(event: EventRecord) -> tuple[str, str | int]:
-    """The identity the unique indexes enforce: the mid if there is one, else the timestamp."""
-    if event.message_id is not None:
-        return (event.event_type, event.message_id)
-    return (event.event_type, event.event_timestamp)
-
-
-def _unique_events(events: list[EventRecord]) -> list[EventRecord]:
-    """The events without repeats (first one wins); the same list when there are none."""
-    keys = [_event_key(e) for e in events]
-    if len(set(keys)) == len(keys):
-        return events
-    seen: dict[tuple[str, str | int], EventRecord] = {}
-    for key, event in zip(keys, events, strict=True):
-        seen.setdefault(key, event)
-    return list(seen.values())
-
-
-def _count_messages(events: Sequence[EventRecord]) -> int:
-    return sum(e.event_type in MESSAGE_EVENT_TYPES for e in events)
-
-
-def _count_received(events: Sequence[EventRecord]) -> int:
-    return sum(e.event_type == "message_received" for e in events)
-
-
-def _merge_into(have: ConversationRecord, rec: ConversationRecord) -> None:
-    """Merge a later record of the same contact into `have` (newest message wins)."""
-    have.events.extend(rec.events)
-    have.facebook_conversation_id = rec.facebook_conversation_id or have.facebook_conversation_id
-    have.sender_name = rec.sender_name or have.sender_name
-    if rec.message_count is not None:
-        have.message_count = rec.message_count
-    if rec.unread_count is not None:
-        have.unread_count = rec.unread_count
-    if rec.last_message_time is not None and (
-        have.last_message_time is None or rec.last_message_time > have.last_message_time
-    ):
-        have.last_message, have.last_message_time = rec.last_message, rec.last_message_time
-
-
-def _merge_records(records: Sequence[ConversationRecord]) -> dict[str, ConversationRecord]:
-    """One record per contact, events deduplicated, fields merged (newest message wins).
-
-    The callers' records are never changed: a record is copied only when it must be
-    (a second record of its contact, or repeated events), which a page of distinct
-    conversations never needs.
-    """
-    merged: dict[str, ConversationRecord] = {}
-    copied: set[str] = set()
-    for rec in records:
-        have = merged.get(rec.sender_id)
-        if have is None:
-            merged[rec.sender_id] = rec
-            continue
-        if rec.sender_id not in copied:
-            have = merged[rec.sender_id] = msgspec.structs.replace(have, events=list(have.events))
-            copied.add(rec.sender_id)
-        _merge_into(have, rec)
-    out: dict[str, ConversationRecord] = {}
-    for sid in sorted(merged):  # one order for every writer: fewer lock cycles
-        rec = merged[sid]
-        events = _unique_events(rec.events)
-        out[sid] = rec if events is rec.events else msgspec.structs.replace(rec, events=events)
-    return out
-
-
-_CONVERSATION_COLUMNS = (
-    "id, page_id, facebook_conversation_id, sender_id, sender_name, last_message, "
-    "last_message_time, message_count, unread_count, version, created_at, updated_at"
-)
-_CONVERSATION_COLUMNS_C = ", ".join("c." + c.strip() for c in _CONVERSATION_COLUMNS.split(","))
-_MUTABLE = (
-    "facebook_conversation_id",
-    "sender_name",
-    "last_message",
-    "last_message_time",
-    "message_count",
-    "unread_count",
-)
-
-
-def _merged_values(
-    row: Any, rec: ConversationRecord, new_messages: int, new_received: int
-) -> tuple[Any, ...]:
-    """The row's mutable fields (in `_MUTABLE` order) after merging a record into it.
-
-    Time never moves backwards. A tuple, not a dict: this runs once per stored contact of
-    every webhook batch.
-    """
-    last_message, last_message_time = row["last_message"], row["last_message_time"]
-    if rec.last_message_time is not None and rec.last_message_time > last_message_time:
-        last_message, last_message_time = rec.last_message, rec.last_message_time
-    return (
-        rec.facebook_conversation_id or row["facebook_conversation_id"],
-        rec.sender_name or row["sender_name"],
-        last_message,
-        last_message_time,
-        rec.message_count if rec.message_count is not None else row["message_count"] + new_messages,
-        rec.unread_count if rec.unread_count is not None else row["unread_count"] + new_received,
-    )
-
-
-def _stored_values(row: Any) -> tuple[Any, ...]:
-    """The row's mutable fields, in `_MUTABLE` order."""
-    return (
-        row["facebook_conversation_id"],
-        row["sender_name"],
-        row["last_message"],
-        row["last_message_time"],
-        row["message_count"],
-        row["unread_count"],
     )
 
 
@@ -540,191 +376,16 @@ class SQLStorage:
         async with self.engine.transaction() as conn:
             return await self._write_records(conn, page_id, records)
 
-    async def _select_conversations(
-        self, conn: Conn, page_id: str, sender_ids: Sequence[str]
-    ) -> dict[str, Any]:
-        # A join on the ids (not `IN`/`ANY`) lets PostgreSQL probe the (page_id, sender_id)
-        # index. Until autovacuum has analyzed a fresh table it may still scan the page's rows,
-        # which is one reason a first sync inserts before it looks (see `_write_records`).
-        source, args = conn.rows(("text",), [(sid,) for sid in sender_ids], 2)
-        rows = await conn.fetch(
-            f"WITH s (sid) AS ({source}) SELECT {_CONVERSATION_COLUMNS_C} FROM s "
-            "JOIN messenger_conversations c ON c.page_id = $1 AND c.sender_id = s.sid",
-            page_id,
-            *args,
-        )
-        return {r["sender_id"]: r for r in rows}
-
     async def _write_records(
         self, conn: Conn, page_id: str, records: Sequence[ConversationRecord], *, expect_new: bool = False
     ) -> WriteCounts:
-        """Upsert records and their events with set-based statements; version-checked updates.
-
-        `expect_new` (sync pages: a first sync brings only new contacts) skips looking for
-        stored conversations before inserting: the insert finds the ones that exist, and only
-        those are read. Otherwise (webhooks, whose contacts are mostly known) stored ones are
-        read first and only the rest inserted.
-        """
-        counts = WriteCounts()
-        merged = _merge_records(records)
-        if not merged:
-            return counts
-        existing = {} if expect_new else await self._select_conversations(conn, page_id, list(merged))
-        new = [rec for sid, rec in merged.items() if sid not in existing]
-        ids = await self._insert_conversations(conn, page_id, new) if new else {}
-        counts.inserted = len(ids)
-        stored = [rec.sender_id for rec in new if rec.sender_id not in ids]
-        if stored:  # inserted by another transaction since we looked, or expected new: merge into it
-            existing.update(await self._select_conversations(conn, page_id, stored))
-        # A conversation created here has no stored events (no other transaction can see it
-        # yet), so its events need no conflict check: a plain INSERT spares PostgreSQL's
-        # speculative insertion. Which events were new matters only to a stored conversation
-        # whose record leaves a count to us (webhooks); a sync's records bring both from Graph.
-        created = [(ids[rec.sender_id], rec) for rec in new if rec.sender_id in ids]
-        counts.events_inserted, _ = await self._insert_events(conn, page_id, created, stored=False)
-        if existing:
-            targets = [(existing[sid]["id"], rec) for sid, rec in merged.items() if sid in existing]
-            per_conversation = any(r.message_count is None or r.unread_count is None for _, r in targets)
-            n, inserted = await self._insert_events(
-                conn, page_id, targets, stored=True, per_conversation=per_conversation
-            )
-            counts.events_inserted += n
-            await self._update_conversations(conn, page_id, merged, existing, inserted, counts)
-        return counts
-
-    @staticmethod
-    async def _insert_conversations(
-        conn: Conn, page_id: str, records: Sequence[ConversationRecord]
-    ) -> dict[str, int]:
-        """Insert conversations not stored yet: {sender_id: id} of those this call created.
-
-        A new conversation's events are all new, so its counts are known now.
-        """
-        source, args = conn.rows(
-            ("text", "text", "text", "text", "text", "bigint", "int", "int"),
-            [
-                (
-                    page_id,
-                    rec.sender_id,
-                    rec.facebook_conversation_id,
-                    rec.sender_name,
-                    rec.last_message,
-                    rec.last_message_time or 0,
-                    rec.message_count if rec.message_count is not None else _count_messages(rec.events),
-                    rec.unread_count if rec.unread_count is not None else _count_received(rec.events),
-                )
-                for rec in records
-            ],
-            1,
-        )
-        rows = await conn.fetch(
-            "INSERT INTO messenger_conversations (page_id, sender_id, facebook_conversation_id, "
-            "sender_name, last_message, last_message_time, message_count, unread_count) "
-            f"{source} ON CONFLICT (page_id, sender_id) DO NOTHING RETURNING id, sender_id",
-            *args,
-        )
-        return {r["sender_id"]: r["id"] for r in rows}
-
-    @staticmethod
-    async def _insert_events(
-        conn: Conn,
-        page_id: str,
-        targets: Sequence[tuple[int, ConversationRecord]],
-        *,
-        stored: bool,
-        per_conversation: bool = False,
-    ) -> tuple[int, list[Any]]:
-        """Insert the events of (conversation id, record) pairs at once.
-
-        For `stored` conversations the unique indexes drop the events already stored. Returns
-        how many were inserted and, if `per_conversation`, the (conversation_id, event_type)
-        of each: RETURNING rows cost SQLite about half the insert.
-        """
-        event_rows = [
-            (
-                cid,
-                page_id,
-                e.event_type,
-                e.message_id,
-                e.event_timestamp,
-                e.content,
-                _json_encode(e.payload).decode(),
-            )
-            for cid, rec in targets
-            for e in rec.events
-        ]
-        if not event_rows:
-            return 0, []
-        source, args = conn.rows(("bigint", "text", "text", "text", "bigint", "text", "jsonb"), event_rows, 1)
-        sql = (
-            "INSERT INTO contact_interaction_events (conversation_id, page_id, event_type, "
-            f"message_id, event_timestamp, content, payload) {source}"
-        )
-        if stored:
-            sql += " ON CONFLICT DO NOTHING"
-        if not per_conversation:
-            return await conn.execute(sql, *args), []
-        rows = await conn.fetch(f"{sql} RETURNING conversation_id, event_type", *args)
-        return len(rows), rows
-
-    async def _update_conversations(
-        self,
-        conn: Conn,
-        page_id: str,
-        merged: dict[str, ConversationRecord],
-        existing: dict[str, Any],
-        inserted_events: Sequence[Any],
-        counts: WriteCounts,
-    ) -> None:
-        """Merge records into stored conversations: compare-and-set on version, re-read and
-        retry on conflict; a conversation the merge does not change keeps its version."""
-        new_messages: dict[int, int] = {}
-        new_received: dict[int, int] = {}
-        for r in inserted_events:
-            if r["event_type"] in MESSAGE_EVENT_TYPES:
-                new_messages[r["conversation_id"]] = new_messages.get(r["conversation_id"], 0) + 1
-            if r["event_type"] == "message_received":
-                new_received[r["conversation_id"]] = new_received.get(r["conversation_id"], 0) + 1
-        pending = existing
-        for attempt in range(CAS_ATTEMPTS):
-            updates = []
-            for sid, row in pending.items():
-                cid = row["id"]
-                values = _merged_values(row, merged[sid], new_messages.get(cid, 0), new_received.get(cid, 0))
-                if values == _stored_values(row):
-                    counts.unchanged += 1
-                else:
-                    updates.append((cid, row["version"], *values))
-            if not updates:
-                return
-            source, args = conn.rows(
-                ("bigint", "int", "text", "text", "text", "bigint", "int", "int"), updates, 1
-            )
-            done = await conn.fetch(
-                "WITH v (cid, expected_version, facebook_conversation_id, sender_name, last_message, "
-                f"last_message_time, message_count, unread_count) AS ({source}) "
-                "UPDATE messenger_conversations AS c SET "
-                "facebook_conversation_id = v.facebook_conversation_id, sender_name = v.sender_name, "
-                "last_message = v.last_message, last_message_time = v.last_message_time, "
-                "message_count = v.message_count, unread_count = v.unread_count, "
-                "version = c.version + 1, updated_at = now_ms() "
-                "FROM v WHERE c.id = v.cid AND c.version = v.expected_version RETURNING id",
-                *args,
-            )
-            done_ids = {r["id"] for r in done}
-            counts.updated += len(done_ids)
-            lost = {u[0] for u in updates} - done_ids
-            if not lost:
-                return
-            conflicted = [sid for sid, row in pending.items() if row["id"] in lost]
-            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
-            pending = await self._select_conversations(conn, page_id, conflicted)
-        raise RuntimeError("conversation update kept conflicting; giving up")
+        """`conversations.write_records` (a method, so a test can inject a failure into it)."""
+        return await write_records(conn, page_id, records, expect_new=expect_new)
 
     async def update_conversation(
         self, conversation_id: int, expected_version: int, changes: dict[str, Any]
     ) -> bool:
-        unknown = set(changes) - set(_MUTABLE)
+        unknown = set(changes) - set(MUTABLE)
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")
         names = list(changes)
@@ -742,7 +403,7 @@ class SQLStorage:
     async def get_conversation(self, user_id: str, conversation_id: int) -> dict[str, Any] | None:
         async with self.engine.reader() as conn:
             row = await conn.fetchrow(
-                f"SELECT {_CONVERSATION_COLUMNS_C} "
+                f"SELECT {CONVERSATION_COLUMNS_C} "
                 "FROM messenger_conversations c JOIN facebook_pages p ON p.id = c.page_id "
                 "WHERE c.id = $1 AND p.user_id = $2",
                 conversation_id,
@@ -756,7 +417,7 @@ class SQLStorage:
         keyset = "AND (last_message_time, id) < ($3, $4) " if after else ""
         async with self.engine.reader() as conn:
             rows = await conn.fetch(
-                f"SELECT {_CONVERSATION_COLUMNS} FROM messenger_conversations "
+                f"SELECT {CONVERSATION_COLUMNS} FROM messenger_conversations "
                 f"WHERE page_id = $1 {keyset}ORDER BY last_message_time DESC, id DESC LIMIT $2",
                 page_id,
                 limit,

@@ -40,9 +40,7 @@ def translate(sql: str, _cache: dict[str, str] = {}) -> str:  # noqa: B006 - a d
 @functools.lru_cache(maxsize=256)
 def _values(width: int, count: int, start: int) -> str:
     """`VALUES ($1, $2), ($3, $4)`: built once per shape, since pages repeat their sizes."""
-    groups = (
-        "(" + ", ".join(f"${start + r * width + c}" for c in range(width)) + ")" for r in range(count)
-    )
+    groups = ("(" + ", ".join(f"${start + r * width + c}" for c in range(width)) + ")" for r in range(count))
     return "VALUES " + ", ".join(groups)
 
 

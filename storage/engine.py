@@ -1,0 +1,53 @@
+"""What the shared SQL (storage/sql.py) needs from an engine (storage/sqlite.py, postgres.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+
+class Conn(Protocol):
+    """A connection as the shared SQL sees it (inside a transaction for writes)."""
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; returns the number of rows it touched."""
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        """Rows, each indexable by position and by column name."""
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any | None:
+        """The first row, or None."""
+
+    def rows(self, types: Sequence[str], rows: Sequence[Sequence[Any]], start: int) -> tuple[str, list[Any]]:
+        """A row source for INSERT or a CTE: SQL text and its arguments, numbered from `start`."""
+
+    def any_of(self, index: int, values: Sequence[Any], type_: str) -> tuple[str, list[Any]]:
+        """`= ANY(...)` / `IN (...)`: SQL text (after a column) and its arguments, from `index`."""
+
+    async def run_script(self, script: str) -> None:
+        """Run a migration script (several statements) inside the current transaction."""
+
+
+class Engine(Protocol):
+    """What an engine gives the shared SQL."""
+
+    name: str  # migration files ending .{name}.sql are this engine's
+
+    def transaction(self) -> AbstractAsyncContextManager[Conn]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE on the one writer)."""
+
+    def reader(self) -> AbstractAsyncContextManager[Conn]:
+        """A connection for reads outside any write transaction."""
+
+    def migration_transaction(self) -> AbstractAsyncContextManager[Conn]:
+        """A write transaction that also excludes other processes' migrations."""
+
+    def autocommit(self) -> AbstractAsyncContextManager[Conn]:
+        """A connection on which each statement commits alone: for writes of one statement."""
+
+    def is_transient(self, exc: Exception) -> bool:
+        """Whether a failed transaction may succeed if simply run again (e.g. a deadlock)."""
+
+    async def close(self) -> None:
+        """Close every connection."""
