@@ -1,10 +1,13 @@
-"""What the shared SQL (storage/sql.py) needs from an engine (storage/sqlite.py, postgres.py)."""
+"""What the shared SQL needs from an engine (storage/sqlite.py, postgres.py), and its retry rule."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import functools
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 class Conn(Protocol):
@@ -51,3 +54,30 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Close every connection."""
+
+
+# A write transaction that fails transiently (a deadlock on PostgreSQL) is run this many times.
+TRANSIENT_ATTEMPTS = 4
+
+_M = TypeVar("_M", bound=Callable[..., Awaitable[Any]])
+
+
+def retry_transient(method: _M) -> _M:
+    """Run a whole write transaction again when the engine says its failure was transient.
+
+    On PostgreSQL two transactions that touch the same conversations in different orders can
+    deadlock; the server aborts one, and running it again is the cure. SQLite has none.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(TRANSIENT_ATTEMPTS):
+            try:
+                return await method(self, *args, **kwargs)
+            except Exception as exc:
+                if attempt + 1 == TRANSIENT_ATTEMPTS or not self.engine.is_transient(exc):
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.02 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    return wrapper  # type: ignore[return-value]

@@ -8,58 +8,27 @@ statements (`rows` and `any_of`), so no engine test appears outside the engines.
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import random
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
 from errors import LeaseLost
 from records import ConversationRecord
 from storage.base import (
-    ApplyReport,
-    InboxBody,
     Lease,
     Page,
     SyncProgress,
     SyncState,
-    WebhookParser,
     WriteCounts,
 )
 from storage.conversations import CONVERSATION_COLUMNS, CONVERSATION_COLUMNS_C, MUTABLE, write_records
-from storage.engine import Conn, Engine
+from storage.engine import Conn, Engine, retry_transient
+from storage.inbox import InboxStorage
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-
-# A write transaction that fails transiently (a deadlock on PostgreSQL) is run this many times.
-TRANSIENT_ATTEMPTS = 4
-
-_M = TypeVar("_M", bound=Callable[..., Awaitable[Any]])
-
-
-def _retry_transient(method: _M) -> _M:
-    """Run a whole write transaction again when the engine says its failure was transient.
-
-    On PostgreSQL two transactions that touch the same conversations in different orders can
-    deadlock; the server aborts one, and running it again is the cure. SQLite has none.
-    """
-
-    @functools.wraps(method)
-    async def wrapper(self: SQLStorage, *args: Any, **kwargs: Any) -> Any:
-        for attempt in range(TRANSIENT_ATTEMPTS):
-            try:
-                return await method(self, *args, **kwargs)
-            except Exception as exc:
-                if attempt + 1 == TRANSIENT_ATTEMPTS or not self.engine.is_transient(exc):
-                    raise
-                await asyncio.sleep(random.uniform(0, 0.02 * 2**attempt))
-        raise AssertionError("unreachable")
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _page(row: Any) -> Page:
@@ -133,7 +102,7 @@ def _event_json(row: Any) -> dict[str, Any]:
     }
 
 
-class SQLStorage:
+class SQLStorage(InboxStorage):
     """`storage.base.Storage` over an engine."""
 
     def __init__(self, engine: Engine) -> None:
@@ -359,7 +328,7 @@ class SQLStorage:
             await self._hold_lease(conn, lease)
             return await self._write_progress(conn, lease, progress)
 
-    @_retry_transient
+    @retry_transient
     async def save_conversation_page(
         self, lease: Lease, records: Sequence[ConversationRecord], progress: SyncProgress
     ) -> WriteCounts:
@@ -371,7 +340,7 @@ class SQLStorage:
 
     # ---- conversations -------------------------------------------------------------------------
 
-    @_retry_transient
+    @retry_transient
     async def write_conversations(self, page_id: str, records: Sequence[ConversationRecord]) -> WriteCounts:
         async with self.engine.transaction() as conn:
             return await self._write_records(conn, page_id, records)
@@ -512,122 +481,3 @@ class SQLStorage:
                 *(() if until_id is None else (until_id,)),
             )
         return [_event_json(r) for r in rows]
-
-    # ---- webhook inbox -------------------------------------------------------------------------
-
-    async def record_webhook_batch(self, bodies: Sequence[InboxBody]) -> None:
-        if not bodies:
-            return
-        # One statement, so it needs no BEGIN/COMMIT around it: the webhook's hot path.
-        async with self.engine.autocommit() as conn:
-            source, args = conn.rows(
-                ("bytea", "text", "text", "text"),
-                [(b.body, b.body_sha256, b.status, b.error) for b in bodies],
-                1,
-            )
-            await conn.execute(
-                f"INSERT INTO webhook_events (body, body_sha256, status, error) {source} "
-                "ON CONFLICT (body_sha256) DO NOTHING",
-                *args,
-            )
-
-    @_retry_transient
-    async def apply_webhook_batch(
-        self, parse: WebhookParser, limit: int, ids: Sequence[int] | None = None
-    ) -> ApplyReport:
-        report = ApplyReport()
-        async with self.engine.transaction() as conn:
-            if ids is None:
-                claimed = await conn.fetch(
-                    "SELECT id, body, received_at FROM webhook_events WHERE status = 'pending' "
-                    "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                    limit,
-                )
-            else:
-                cond, args = conn.any_of(1, ids, "bigint")
-                claimed = await conn.fetch(
-                    "SELECT id, body, received_at FROM webhook_events "
-                    f"WHERE status = 'pending' AND id {cond} ORDER BY id FOR UPDATE SKIP LOCKED",
-                    *args,
-                )
-            if not claimed:
-                return report
-            report.claimed = len(claimed)
-            status: dict[int, tuple[str, str | None]] = {}
-            parsed: dict[int, Sequence[tuple[str, ConversationRecord]]] = {}
-            for row in claimed:
-                try:
-                    parsed[row["id"]] = parse(bytes(row["body"]))
-                except Exception as exc:  # a body the schema no longer accepts stays replayable
-                    status[row["id"]] = ("invalid", str(exc)[:2000])
-            fb_ids = sorted({fb for items in parsed.values() for fb, _ in items})
-            page_rows: dict[str, list[str]] = {}
-            if fb_ids:
-                cond, args = conn.any_of(1, fb_ids, "text")
-                for r in await conn.fetch(
-                    f"SELECT id, facebook_page_id FROM facebook_pages WHERE facebook_page_id {cond} "
-                    "ORDER BY id",
-                    *args,
-                ):
-                    page_rows.setdefault(r["facebook_page_id"], []).append(r["id"])
-            by_page: dict[str, list[ConversationRecord]] = {}
-            for inbox_id, items in parsed.items():
-                targets = [(pid, rec) for fb, rec in items for pid in page_rows.get(fb, ())]
-                status[inbox_id] = ("applied", None) if targets else ("ignored", None)
-                for pid, rec in targets:
-                    by_page.setdefault(pid, []).append(rec)
-            for pid in sorted(by_page):
-                report.counts.add(await self._write_records(conn, pid, by_page[pid]))
-            received = {row["id"]: row["received_at"] for row in claimed}
-            report.received_at = [received[i] for i, (st, _) in status.items() if st == "applied"]
-            for name in ("applied", "ignored", "invalid"):
-                these = [(i, err) for i, (st, err) in status.items() if st == name]
-                setattr(report, name, len(these))
-                if these:
-                    source, args = conn.rows(("bigint", "text"), these, 2)
-                    await conn.execute(
-                        f"WITH v (wid, error) AS ({source}) "
-                        "UPDATE webhook_events AS w SET status = $1, error = v.error, "
-                        "attempts = w.attempts + 1, "
-                        "applied_at = CASE WHEN $1 = 'applied' THEN now_ms() ELSE NULL END "
-                        "FROM v WHERE w.id = v.wid",
-                        name,
-                        *args,
-                    )
-        return report
-
-    async def mark_webhook_failed(self, ids: Sequence[int], error: str) -> None:
-        async with self.engine.transaction() as conn:
-            cond, args = conn.any_of(2, ids, "bigint")
-            await conn.execute(
-                "UPDATE webhook_events SET status = 'failed', error = $1, attempts = attempts + 1 "
-                f"WHERE status = 'pending' AND id {cond}",
-                error[:2000],
-                *args,
-            )
-
-    async def pending_webhook_ids(self, limit: int) -> list[int]:
-        async with self.engine.reader() as conn:
-            rows = await conn.fetch(
-                "SELECT id FROM webhook_events WHERE status = 'pending' ORDER BY id LIMIT $1", limit
-            )
-        return [r["id"] for r in rows]
-
-    async def requeue_webhooks(self, statuses: Sequence[str]) -> int:
-        async with self.engine.transaction() as conn:
-            cond, args = conn.any_of(1, statuses, "text")
-            return await conn.execute(
-                f"UPDATE webhook_events SET status = 'pending' WHERE status {cond}", *args
-            )
-
-    async def webhook_status_counts(self) -> dict[str, int]:
-        async with self.engine.reader() as conn:
-            rows = await conn.fetch(
-                "SELECT status, count(*) AS n FROM webhook_events GROUP BY status ORDER BY status"
-            )
-        return {r["status"]: r["n"] for r in rows}
-
-    async def pending_webhook_count(self) -> int:
-        async with self.engine.reader() as conn:
-            row = await conn.fetchrow("SELECT count(*) AS n FROM webhook_events WHERE status = 'pending'")
-        return int(row["n"]) if row is not None else 0
