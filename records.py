@@ -60,3 +60,18 @@ class ConversationRecord(msgspec.Struct, kw_only=True):
     last_message_time: int | None = None  # milliseconds since the epoch
     message_count: int | None = None
     unread_count: int | None = None
+
+
+def attachment_label(types: list[str]) -> str | None:
+    """A readable stand-in for a message without text: ``[image]``, ``[2 files]``...
+
+    Sync and webhooks label the same message the same way, so whichever stores it first,
+    its content reads alike.
+    """
+    if not types:
+        return None
+    if len(types) == 1:
+        return f"[{types[0] or 'attachment'}]"
+    if len(set(types)) == 1 and types[0]:
+        return f"[{len(types)} {types[0]}s]"
+    return f"[{len(types)} attachments]"

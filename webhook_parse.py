@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from records import MESSAGE_EVENT_TYPES, ConversationRecord, EventRecord
+from records import MESSAGE_EVENT_TYPES, ConversationRecord, EventRecord, attachment_label
 from schema.webhook import Message, MessagingItem, Referral, WebhookBody
 
 _decoder = msgspec.json.Decoder(WebhookBody)
@@ -58,17 +58,6 @@ def decode_webhook(body: bytes) -> WebhookBody:
     return _decoder.decode(body)
 
 
-def attachment_label(types: list[str]) -> str | None:
-    """A readable stand-in for a message without text: ``[image]``, ``[2 files]``..."""
-    if not types:
-        return None
-    if len(types) == 1:
-        return f"[{types[0] or 'attachment'}]"
-    if len(set(types)) == 1 and types[0]:
-        return f"[{len(types)} {types[0]}s]"
-    return f"[{len(types)} attachments]"
-
-
 def _referral_dict(referral: Referral) -> dict[str, Any]:
     return {k: v for k, v in msgspec.structs.asdict(referral).items() if v is not None}
 
@@ -77,9 +66,7 @@ def _message_event(item: MessagingItem, message: Message) -> EventRecord:
     payload: dict[str, Any] = {}
     content = message.text
     if message.attachments:
-        payload["attachments"] = [
-            {"type": a.type, "payload": a.payload} for a in message.attachments
-        ]
+        payload["attachments"] = [{"type": a.type, "payload": a.payload} for a in message.attachments]
         if content is None:
             content = attachment_label([a.type for a in message.attachments])
     if message.quick_reply is not None:
@@ -163,9 +150,7 @@ def _event(item: MessagingItem) -> EventRecord | None:
             payload=_referral_dict(item.referral),
         )
     if item.optin is not None:
-        optin = {
-            k: v for k, v in msgspec.structs.asdict(item.optin).items() if v is not None
-        }
+        optin = {k: v for k, v in msgspec.structs.asdict(item.optin).items() if v is not None}
         return EventRecord(event_type="optin", event_timestamp=ts, payload=optin)
     return None
 
@@ -178,9 +163,7 @@ def _contact(item: MessagingItem, page_id: str) -> str | None:
     """
     sender = item.sender.id if item.sender is not None else None
     recipient = item.recipient.id if item.recipient is not None else None
-    if (item.message is not None and item.message.is_echo) or (
-        sender == page_id and recipient
-    ):
+    if (item.message is not None and item.message.is_echo) or (sender == page_id and recipient):
         return recipient
     return sender
 
@@ -215,9 +198,7 @@ def webhook_records(body: WebhookBody) -> ParsedWebhook:
                 key = (page_id, contact)
                 record = grouped.get(key)
                 if record is None:
-                    record = grouped[key] = ConversationRecord(
-                        sender_id=contact, events=[]
-                    )
+                    record = grouped[key] = ConversationRecord(sender_id=contact, events=[])
                     seen[key] = set()
                 event_key = _event_key(event)
                 if event_key in seen[key]:
@@ -228,12 +209,9 @@ def webhook_records(body: WebhookBody) -> ParsedWebhook:
                     event.event_type in MESSAGE_EVENT_TYPES
                     and not event.payload.get("is_deleted")
                     and (
-                        record.last_message_time is None
-                        or event.event_timestamp >= record.last_message_time
+                        record.last_message_time is None or event.event_timestamp >= record.last_message_time
                     )
                 ):
                     record.last_message = event.content
                     record.last_message_time = event.event_timestamp
-    return ParsedWebhook(
-        items=[(page, record) for (page, _), record in grouped.items()], unknown=unknown
-    )
+    return ParsedWebhook(items=[(page, record) for (page, _), record in grouped.items()], unknown=unknown)

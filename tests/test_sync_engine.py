@@ -113,11 +113,12 @@ async def test_full_sync_walks_every_page(
     newest = json.loads(graph_response(200, WALK[0]).content)["data"][0]["updated_time"]
     assert state.watermark == parse_graph_time(newest)
     assert await storage.current_lock(page.id) is None
-    # The attachment-only message is an event without text; counts come from Graph.
+    # The attachment-only message is labelled as a webhook would label it; counts come from Graph.
     rows = await query(
-        storage, "SELECT content, payload FROM contact_interaction_events WHERE content IS NULL"
+        storage, "SELECT content, payload FROM contact_interaction_events WHERE content LIKE '[%'"
     )
     assert len(rows) == 1 and "attachments" in json.loads(rows[0]["payload"])
+    assert rows[0]["content"] in ("[image]", "[video]", "[audio]", "[file]")
     await assert_seed_checks(storage)
 
 

@@ -8,10 +8,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from records import EVENT_TYPES, ConversationRecord, EventRecord
+from records import EVENT_TYPES, ConversationRecord, EventRecord, attachment_label
 from webhook_parse import (
     ParsedWebhook,
-    attachment_label,
     decode_webhook,
     webhook_records,
 )
@@ -22,18 +21,10 @@ PAGE2 = "104325188754321"
 A = "7712345678901234"
 B = "7798765432109876"
 C = "7723456789012345"
-MID1 = (
-    "m_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789aBcDeFgHiJkL"
-    "mNoPqRsTuVwXyZ_0aB1cD2eF3gH4iJ5kL6mN7oP8qR9sT"
-)
-MID3 = (
-    "m_AbC3TqW8eR7tY6uI5oP4aS3dF2gH1jK0lZ9xC8vB7nM6qWe5"
-    "rT4yU3iO2pA1sD0f_GhJkLzXcVbNm1q2w3e4r5t6y7u8i"
-)
+MID1 = "m_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789aBcDeFgHiJkLmNoPqRsTuVwXyZ_0aB1cD2eF3gH4iJ5kL6mN7oP8qR9sT"
+MID3 = "m_AbC3TqW8eR7tY6uI5oP4aS3dF2gH1jK0lZ9xC8vB7nM6qWe5rT4yU3iO2pA1sD0f_GhJkLzXcVbNm1q2w3e4r5t6y7u8i"
 INVALID = {"invalid_timestamp.json"}
-VALID_FIXTURES = sorted(
-    p.name for p in FIXTURES.glob("*.json") if p.name not in INVALID
-)
+VALID_FIXTURES = sorted(p.name for p in FIXTURES.glob("*.json") if p.name not in INVALID)
 
 
 def parse(name: str) -> ParsedWebhook:
@@ -105,9 +96,7 @@ def test_message_attachment() -> None:
     assert event.event_type == "message_received"
     assert event.content == "[image]"
     assert event.payload["attachments"][0]["type"] == "image"
-    assert event.payload["attachments"][0]["payload"]["url"].startswith(
-        "https://scontent.xx.fbcdn.net/"
-    )
+    assert event.payload["attachments"][0]["payload"]["url"].startswith("https://scontent.xx.fbcdn.net/")
     assert event.payload["reply_to"]["mid"].startswith("m_AbCdEf")
     assert record.last_message == "[image]"
 
@@ -233,10 +222,7 @@ def test_standby_is_processed() -> None:
 def test_batch_groups_by_page_and_contact_in_arrival_order() -> None:
     parsed = parse("batch_two_entries.json")
     assert parsed.unknown == 0
-    summary = {
-        (page, r.sender_id): [e.event_type for e in r.events]
-        for page, r in parsed.items
-    }
+    summary = {(page, r.sender_id): [e.event_type for e in r.events] for page, r in parsed.items}
     assert summary == {
         (PAGE, A): [
             "message_received",
@@ -255,9 +241,7 @@ def test_batch_groups_by_page_and_contact_in_arrival_order() -> None:
         (PAGE2, C),
     ]
     records = {(page, r.sender_id): r for page, r in parsed.items}
-    assert records[(PAGE, B)].events[0].payload == {
-        "quick_reply": {"payload": "PLAN_ANNUAL"}
-    }
+    assert records[(PAGE, B)].events[0].payload == {"quick_reply": {"payload": "PLAN_ANNUAL"}}
     assert records[(PAGE2, C)].last_message is None
 
 
