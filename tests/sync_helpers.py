@@ -3,6 +3,7 @@ a fake clock, and the seed's data checks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -47,6 +48,18 @@ def chain(*names: str) -> dict[str | None, list[Answer]]:
     return answers
 
 
+class Hold:
+    """A Graph answer held back: `answering` is set when Graph is asked, `release` lets it answer."""
+
+    def __init__(self) -> None:
+        self.answering = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self) -> None:
+        self.answering.set()
+        await self.release.wait()
+
+
 class FakeGraph:
     """GET /{page}/conversations on a respx router, answered by the request's `after` cursor.
 
@@ -60,6 +73,11 @@ class FakeGraph:
         self.requests: list[httpx.Request] = []
         self.on_call: Callable[[], None] | None = None
         self.route = router.get(f"/{PAGE_FB_ID}/conversations").mock(side_effect=self._answer)
+
+    def hold(self, cursor: str | None) -> Hold:
+        """Hold back the answer for the page after `cursor` until the test releases it."""
+        hold = self.hooks[cursor] = Hold()
+        return hold
 
     @property
     def calls(self) -> list[str | None]:

@@ -303,24 +303,18 @@ async def test_bad_requests(settings: Settings, graph: respx.MockRouter, storage
 
 async def test_monitoring_routes(settings: Settings, graph: respx.MockRouter, storage: Storage) -> None:
     fake = FakeGraph(graph, chain(*WALK))
-    release, answering = asyncio.Event(), asyncio.Event()
-
-    async def hold() -> None:
-        answering.set()
-        await release.wait()
-
-    fake.hooks[C1] = hold
+    held = fake.hold(C1)
     async with running_app(settings, graph) as http:
         page_id = await register(http)
         await register(http, user="bob")
         running = asyncio.create_task(sync(http, page_id))
-        await asyncio.wait_for(answering.wait(), 5)
+        await asyncio.wait_for(held.answering.wait(), 5)
         active = (await http.get("/api/sync/active", headers=auth_headers())).json()["activeSyncs"]
         assert [(a["pageId"], a["facebookPageId"]) for a in active] == [(page_id, PAGE_FB_ID)]
         assert isinstance(active[0]["expiresAt"], int) and active[0]["syncSessionId"]
         bobs = await http.get("/api/sync/active", headers=auth_headers("bob"))
         assert bobs.json() == {"activeSyncs": []}
-        release.set()
+        held.release.set()
         assert (await asyncio.wait_for(running, 5)).status_code == 200
         assert (await http.get("/api/sync/active", headers=auth_headers())).json() == {"activeSyncs": []}
 

@@ -250,16 +250,10 @@ async def test_cancelled_sync_resumes_from_the_last_committed_cursor(
     storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
 ) -> None:
     graph = FakeGraph(router, chain(*WALK))
-    answering = asyncio.Event()
-
-    async def hang() -> None:  # Graph is answering page 2 when the task is killed
-        answering.set()
-        await asyncio.Event().wait()
-
-    graph.hooks[C1] = hang
+    held = graph.hold(C1)  # never released: Graph is answering page 2 when the task is killed
     async with sync_engine(storage, router, settings) as (engine, _):
         task = asyncio.create_task(engine.sync("alice", request(page)))
-        await asyncio.wait_for(answering.wait(), 5)
+        await asyncio.wait_for(held.answering.wait(), 5)
 
         async def page_one_committed() -> bool:
             state = await storage.get_sync_state(page.id)
@@ -286,16 +280,10 @@ async def test_lock_is_extended_while_the_sync_runs(
     storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
 ) -> None:
     graph = FakeGraph(router, chain(*WALK))
-    gate, answering = asyncio.Event(), asyncio.Event()
-
-    async def hold() -> None:
-        answering.set()
-        await gate.wait()
-
-    graph.hooks[C1] = hold
+    held = graph.hold(C1)
     async with sync_engine(storage, router, replace(settings, sync_lock_ttl_seconds=0.6)) as (engine, _):
         task = asyncio.create_task(engine.sync("alice", request(page)))
-        await asyncio.wait_for(answering.wait(), 5)
+        await asyncio.wait_for(held.answering.wait(), 5)
         first = await storage.current_lock(page.id)
         assert first is not None
 
@@ -305,7 +293,7 @@ async def test_lock_is_extended_while_the_sync_runs(
 
         await wait_for(extended, "the lease to be extended")
         assert await storage.acquire_sync_lock(page.id, "someone-else", 30) is None
-        gate.set()
+        held.release.set()
         result = await asyncio.wait_for(task, 5)
     assert result["synced"] == 12
 
@@ -314,16 +302,10 @@ async def test_lease_taken_over_stops_the_sync(
     storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
 ) -> None:
     graph = FakeGraph(router, chain(*WALK))
-    gate, answering = asyncio.Event(), asyncio.Event()
-
-    async def hold() -> None:
-        answering.set()
-        await gate.wait()
-
-    graph.hooks[C1] = hold
+    held = graph.hold(C1)
     async with sync_engine(storage, router, settings) as (engine, _):
         task = asyncio.create_task(engine.sync("alice", request(page)))
-        await asyncio.wait_for(answering.wait(), 5)
+        await asyncio.wait_for(held.answering.wait(), 5)
 
         async def page_one_committed() -> bool:
             state = await storage.get_sync_state(page.id)
@@ -334,7 +316,7 @@ async def test_lease_taken_over_stops_the_sync(
         await execute(storage, "UPDATE sync_locks SET expires_at = 0 WHERE page_id = $1", page.id)
         intruder = await storage.acquire_sync_lock(page.id, "intruder", 30)
         assert intruder is not None
-        gate.set()
+        held.release.set()
         with pytest.raises(LeaseLost):
             await asyncio.wait_for(task, 5)
     holder = await storage.current_lock(page.id)
