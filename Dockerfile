@@ -6,9 +6,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY *.py ./
+COPY app.py ./
+COPY core ./core
 COPY storage ./storage
 COPY schema ./schema
+COPY sync ./sync
+COPY webhook ./webhook
 COPY routes ./routes
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home /app app \

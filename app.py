@@ -27,17 +27,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import auth
-from applier import Applier
-from errors import ServiceError
-from graph_client import GRAPH_TIMEOUT, GraphClient
-from metrics import Metrics
-from routes import conversations, dashboard, ops, pages, stream, sync, webhook
+from core.errors import ServiceError
+from core.metrics import Metrics
+from core.settings import Settings
+from routes import auth, conversations, dashboard, ops, pages, stream, sync, webhook
 from routes.common import JSON
-from settings import Settings
 from storage import Storage, open_storage
-from sync_engine import SyncEngine
-from webhook_intake import InboxWriter
+from sync.engine import SyncEngine
+from sync.graph_client import GRAPH_TIMEOUT, GraphClient
+from webhook.applier import Applier
+from webhook.intake import InboxWriter
 
 log = logging.getLogger("messenger_sync")
 
@@ -242,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "create-api-key":
         return asyncio.run(_create_api_key(settings, args.user))
     if args.command == "sync":
-        from sync_command import run_sync_command
+        from sync.command import run_sync_command
 
         return asyncio.run(run_sync_command(settings, args.page_id, args.mode))
     if args.command == "replay-webhooks":
-        from applier import run_replay_command
+        from webhook.applier import run_replay_command
 
         return asyncio.run(run_replay_command(settings))
     parser.error(f"unknown command {args.command}")

@@ -21,8 +21,8 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from signature import SIGNATURE_HEADER, verify  # noqa: E402
-from webhook_parse import decode_webhook  # noqa: E402
+from webhook.parse import decode_webhook  # noqa: E402
+from webhook.signature import SIGNATURE_HEADER, verify  # noqa: E402
 
 SECRET = os.environ.get("FB_APP_SECRET", "bench-secret").encode()
 

@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from graph_client import GraphClient  # noqa: E402
-from metrics import Metrics  # noqa: E402
+from core.metrics import Metrics  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from schema.api import SyncRequest  # noqa: E402
-from settings import Settings  # noqa: E402
 from storage import open_storage  # noqa: E402
-from sync_engine import SyncEngine  # noqa: E402
+from sync.engine import SyncEngine  # noqa: E402
+from sync.graph_client import GraphClient  # noqa: E402
 
 PAGE = "104325188712345"
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)

@@ -41,8 +41,8 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from signature import sign  # noqa: E402
 from storage import open_storage  # noqa: E402
+from webhook.signature import sign  # noqa: E402
 
 SECRET = "bench-app-secret"
 API_KEY = "bench-key-0123456789"

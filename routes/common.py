@@ -9,7 +9,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from errors import BadRequest, PayloadTooLarge, ValidationFailed
+from core.errors import BadRequest, PayloadTooLarge, ValidationFailed
 
 T = TypeVar("T")
 

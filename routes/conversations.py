@@ -5,8 +5,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.routing import Route
 
-from auth import require_user
-from errors import BadRequest, NotFound
+from core.errors import BadRequest, NotFound
+from routes.auth import require_user
 from routes.common import JSON, decode_cursor, encode_cursor, query_int
 
 MAX_LIMIT = 500

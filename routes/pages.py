@@ -7,7 +7,7 @@ import logging
 from starlette.requests import Request
 from starlette.routing import Route
 
-from auth import require_user
+from routes.auth import require_user
 from routes.common import JSON, read_json
 from schema.api import RegisterPage
 

@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from auth import require_user
-from errors import BadRequest, NotFound
+from core.errors import BadRequest, NotFound
+from routes.auth import require_user
 from storage import Storage
 
 POLL_SECONDS = 0.5

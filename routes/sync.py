@@ -11,7 +11,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.routing import Route
 
-from auth import require_user
+from routes.auth import require_user
 from routes.common import JSON, read_json
 from schema.api import SyncRequest
 

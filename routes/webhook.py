@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from errors import (
+from core.errors import (
     BadRequest,
     PayloadTooLarge,
     ServiceError,
@@ -28,10 +28,10 @@ from errors import (
     ValidationFailed,
 )
 from routes.common import JSON
-from signature import SIGNATURE_HEADER, verify
 from storage.base import InboxBody
-from webhook_intake import InboxWriter
-from webhook_parse import decode_webhook
+from webhook.intake import InboxWriter
+from webhook.parse import decode_webhook
+from webhook.signature import SIGNATURE_HEADER, verify
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@
 
 Only the fields the service uses are declared; unknown fields are ignored, so Meta may
 add fields freely. An item of a kind not listed above (``pass_thread_control``, ...)
-still validates: every kind is optional, and ``webhook_parse`` counts such items.
+still validates: every kind is optional, and ``webhook.parse`` counts such items.
 Free-form detail (attachment payloads, ad context) is kept as plain JSON values so it
 can be stored as is. Validation errors carry msgspec's JSON path, e.g.
 ``Expected `int`, got `str` - at `$.entry[0].messaging[1].timestamp```.

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from records import ConversationRecord
+from core.records import ConversationRecord
 
 
 @dataclass(frozen=True)

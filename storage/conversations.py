@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from records import MESSAGE_EVENT_TYPES, ConversationRecord, EventRecord
+from core.records import MESSAGE_EVENT_TYPES, ConversationRecord, EventRecord
 from storage.base import WriteCounts
 from storage.engine import Conn
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from records import ConversationRecord
+from core.records import ConversationRecord
 from storage.base import ApplyReport, InboxBody, WebhookParser, WriteCounts
 from storage.engine import Conn, Engine, retry_transient
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from errors import LeaseLost
-from records import ConversationRecord
+from core.errors import LeaseLost
+from core.records import ConversationRecord
 from storage.base import (
     Lease,
     Page,

@@ -1,0 +1,1 @@
+"""The shared core: settings, errors, the records both sources produce, metrics."""

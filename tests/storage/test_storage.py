@@ -1,0 +1,191 @@
+"""The storage contract, on both engines: locks, fencing, versions, events, atomicity."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from core.errors import LeaseLost
+from core.records import ConversationRecord, EventRecord
+from storage import Storage, open_storage
+from storage.base import SyncProgress
+
+
+async def rows(storage: Storage, sql: str, *args: Any) -> list[Any]:
+    async with storage.engine.reader() as conn:  # type: ignore[attr-defined]
+        return await conn.fetch(sql, *args)
+
+
+async def new_page(storage: Storage, user: str = "alice", fb_id: str = "104325188712345") -> str:
+    page, _ = await storage.register_page(user, fb_id, "EAAB-secret-token", "Page")
+    return page.id
+
+
+def message(mid: str, ts: int, text: str = "hi", kind: str = "message_received") -> EventRecord:
+    return EventRecord(event_type=kind, message_id=mid, event_timestamp=ts, content=text)
+
+
+def conversation(sender: str, *events: EventRecord, **fields: Any) -> ConversationRecord:
+    newest = max(events, key=lambda e: e.event_timestamp) if events else None
+    fields.setdefault("last_message", newest.content if newest else None)
+    fields.setdefault("last_message_time", newest.event_timestamp if newest else None)
+    return ConversationRecord(sender_id=sender, events=list(events), **fields)
+
+
+async def test_fifty_concurrent_acquirers_one_winner(storage: Storage, db_url: str) -> None:
+    page_id = await new_page(storage)
+    # Three engines on one database stand for three replicas.
+    others = [await open_storage(db_url) for _ in range(2)]
+    try:
+        stores = [storage, *others]
+        results = await asyncio.gather(
+            *(stores[i % 3].acquire_sync_lock(page_id, f"worker-{i}", 30) for i in range(50))
+        )
+    finally:
+        for other in others:
+            await other.close()
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert winners[0].fencing_token == 1
+    assert (await storage.current_lock(page_id)) == winners[0]
+
+
+async def test_expired_lease_is_taken_over_and_fenced(storage: Storage) -> None:
+    page_id = await new_page(storage)
+    old = await storage.acquire_sync_lock(page_id, "old", 0.05)
+    assert old is not None
+    await storage.start_sync_session(old, "alice", "session-1", "full")
+    await asyncio.sleep(0.1)  # let the lease run out on the database's clock
+    new = await storage.acquire_sync_lock(page_id, "new", 30)
+    assert new is not None and new.fencing_token > old.fencing_token
+
+    with pytest.raises(LeaseLost):
+        await storage.save_sync_progress(
+            old, SyncProgress(last_cursor="stale", synced=5, session_watermark=None)
+        )
+    with pytest.raises(LeaseLost):
+        await storage.save_conversation_page(
+            old, [conversation("7712345678901234", message("m_1", 1000))], SyncProgress("stale", 1, None)
+        )
+    assert await storage.release_sync_lock(old) is False
+    assert await storage.extend_sync_lock(old, 30) is None
+    state = await storage.get_sync_state(page_id)
+    assert state is not None and state.last_cursor is None and state.total_synced == 0
+    assert await rows(storage, "SELECT id FROM messenger_conversations") == []
+    # The new holder can write, and release.
+    await storage.save_sync_progress(new, SyncProgress(last_cursor="fresh", synced=1, session_watermark=None))
+    assert await storage.release_sync_lock(new) is True
+    assert await storage.current_lock(page_id) is None
+
+
+async def test_live_lease_blocks_and_extends(storage: Storage) -> None:
+    page_id = await new_page(storage)
+    lease = await storage.acquire_sync_lock(page_id, "a", 30)
+    assert lease is not None
+    assert await storage.acquire_sync_lock(page_id, "b", 30) is None
+    extended = await storage.extend_sync_lock(lease, 60)
+    assert extended is not None and extended.expires_at >= lease.expires_at
+    assert extended.fencing_token == lease.fencing_token
+
+
+async def test_fencing_token_grows_after_cleanup(storage: Storage) -> None:
+    page_id = await new_page(storage)
+    tokens = []
+    for _ in range(3):
+        lease = await storage.acquire_sync_lock(page_id, "w", 0.01)
+        assert lease is not None
+        tokens.append(lease.fencing_token)
+        await asyncio.sleep(0.03)
+        assert await storage.cleanup_expired_locks() == 1
+        assert await storage.cleanup_expired_locks() == 0
+    assert tokens == sorted(set(tokens))
+    released = await storage.acquire_sync_lock(page_id, "w", 30)
+    assert released is not None and await storage.release_sync_lock(released)
+    again = await storage.acquire_sync_lock(page_id, "w", 30)
+    assert again is not None and again.fencing_token > released.fencing_token > tokens[-1]
+
+
+async def test_concurrent_version_checked_updates(storage: Storage) -> None:
+    page_id = await new_page(storage)
+    await storage.write_conversations(page_id, [conversation("7712345678901234", message("m_1", 1000))])
+    (row,) = await rows(storage, "SELECT id, version FROM messenger_conversations")
+    cid, version = row["id"], row["version"]
+    results = await asyncio.gather(
+        storage.update_conversation(cid, version, {"sender_name": "First"}),
+        storage.update_conversation(cid, version, {"sender_name": "Second"}),
+    )
+    assert sorted(results) == [False, True]
+    (after,) = await rows(storage, "SELECT version, sender_name FROM messenger_conversations")
+    assert after["version"] == version + 1
+    assert after["sender_name"] == ("First" if results[0] else "Second")
+
+
+async def test_update_that_changes_nothing_keeps_version(storage: Storage) -> None:
+    page_id = await new_page(storage)
+    record = conversation("7712345678901234", message("m_1", 1000), sender_name="Ann", message_count=1)
+    first = await storage.write_conversations(page_id, [record])
+    assert (first.inserted, first.events_inserted) == (1, 1)
+    again = await storage.write_conversations(page_id, [record])
+    assert (again.inserted, again.updated, again.unchanged, again.events_inserted) == (0, 0, 1, 0)
+    (row,) = await rows(storage, "SELECT version FROM messenger_conversations")
+    assert row["version"] == 0
+    newer = conversation("7712345678901234", message("m_2", 2000, "later"), message_count=2)
+    changed = await storage.write_conversations(page_id, [newer])
+    assert (changed.updated, changed.events_inserted) == (1, 1)
+    (row,) = await rows(storage, "SELECT version, last_message FROM messenger_conversations")
+    assert (row["version"], row["last_message"]) == (1, "later")
+
+
+async def test_last_message_never_moves_backwards(storage: Storage) -> None:
+    page_id = await new_page(storage)
+    await storage.write_conversations(
+        page_id, [conversation("7712345678901234", message("m_new", 5000, "new"))]
+    )
+    late = await storage.write_conversations(
+        page_id, [conversation("7712345678901234", message("m_old", 1000, "old"))]
+    )
+    assert late.events_inserted == 1
+    (row,) = await rows(
+        storage, "SELECT last_message, last_message_time, message_count FROM messenger_conversations"
+    )
+    assert (row["last_message"], row["last_message_time"], row["message_count"]) == ("new", 5000, 2)
+
+
+async def test_same_event_twice_is_one_row(storage: Storage) -> None:
+    page_id = await new_page(storage)
+    read = EventRecord(event_type="message_read", event_timestamp=3000, payload={"watermark": 3000})
+    record = conversation("7712345678901234", message("m_1", 1000), message("m_1", 1000), read)
+    await storage.write_conversations(page_id, [record])
+    await storage.write_conversations(page_id, [record, record])
+    events = await rows(storage, "SELECT event_type, message_id FROM contact_interaction_events ORDER BY id")
+    assert [(e["event_type"], e["message_id"]) for e in events] == [
+        ("message_received", "m_1"),
+        ("message_read", None),
+    ]
+
+
+async def test_conversation_and_events_are_atomic(storage: Storage) -> None:
+    page_id = await new_page(storage)
+    # The event row violates NOT NULL: the failure comes after the conversation was inserted.
+    broken = EventRecord(event_type=None, event_timestamp=1000, message_id="m_x")  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="(?i)null"):  # sqlite3.IntegrityError or asyncpg's
+        await storage.write_conversations(page_id, [conversation("7712345678901234", broken)])
+    assert await rows(storage, "SELECT id FROM messenger_conversations") == []
+    assert await rows(storage, "SELECT id FROM contact_interaction_events") == []
+    # And the storage is still usable afterwards.
+    ok = await storage.write_conversations(page_id, [conversation("7712345678901234", message("m_1", 1))])
+    assert ok.inserted == 1
+
+
+async def test_pages_are_per_user(storage: Storage) -> None:
+    page, created = await storage.register_page("alice", "104325188712345", "token-1", "Shop")
+    assert created
+    same, created_again = await storage.register_page("alice", "104325188712345", "token-2", None)
+    assert (same.id, created_again, same.name, same.access_token) == (page.id, False, "Shop", "token-2")
+    bobs, _ = await storage.register_page("bob", "104325188712345", "token-3", None)
+    assert bobs.id != page.id
+    assert await storage.get_page("bob", page.id) is None
+    assert [p.id for p in await storage.list_pages("alice")] == [page.id]
+    assert "token-1" not in repr(page) and "token-2" not in repr(same)

@@ -1,0 +1,1 @@
+"""The webhook path: signature, parsing, the inbox intake, the applier and replay."""

@@ -1,0 +1,254 @@
+"""The webhook applier: pending inbox rows become conversations and events.
+
+One background task per replica. It wakes when the inbox writer commits (``notify()``)
+and every ``applier_poll_seconds`` (so rows another replica received, or that were
+pending at a crash, are picked up), then drains the inbox in batches:
+
+    storage.apply_webhook_batch(parse, applier_batch_size)   one transaction per batch:
+        claim pending rows (SKIP LOCKED on PostgreSQL) -> parse -> write -> mark rows
+    a batch that raises -> its rows again one by one; a row that still fails is
+        marked 'failed' with the error (``python app.py replay-webhooks`` retries it)
+
+Parsing errors are not failures: a body the schema rejects is marked ``invalid`` inside
+the batch. Items of an unknown kind are counted (metric ``webhook_unknown_items``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from core.metrics import Metrics
+from core.records import ConversationRecord
+from core.settings import Settings
+from storage import Storage, open_storage
+from storage.base import ApplyReport, WriteCounts
+from webhook.parse import decode_webhook, webhook_records
+
+log = logging.getLogger(__name__)
+
+# A row that raised inside a batch is tried alone this many times before it is 'failed'
+# (a deadlock or a lost race between replicas deserves another go; a poison row does not).
+ROW_ATTEMPTS = 3
+# After an error that is not one row's fault (database down), wait this long at first.
+ERROR_BACKOFF_SECONDS = 0.5
+# Refresh the pending-rows gauge at most this often (it costs a count).
+PENDING_GAUGE_SECONDS = 5.0
+# While the intake is saturated, look again this often whether it still is.
+YIELD_CHECK_SECONDS = 0.05
+
+
+@dataclass
+class DrainSummary:
+    """What a drain did: inbox rows by outcome, and the rows written."""
+
+    batches: int = 0
+    claimed: int = 0
+    applied: int = 0
+    ignored: int = 0
+    invalid: int = 0
+    failed: int = 0
+    unknown_items: int = 0
+    counts: WriteCounts = field(default_factory=WriteCounts)
+
+    def add(self, report: ApplyReport) -> None:
+        """Accumulate one committed batch."""
+        self.batches += 1
+        self.claimed += report.claimed
+        self.applied += report.applied
+        self.ignored += report.ignored
+        self.invalid += report.invalid
+        self.counts.add(report.counts)
+
+
+class _Parser:
+    """The parse function for one batch; counts unknown items (kept only if the batch commits)."""
+
+    def __init__(self) -> None:
+        self.unknown = 0
+
+    def __call__(self, body: bytes) -> Sequence[tuple[str, ConversationRecord]]:
+        parsed = webhook_records(decode_webhook(body))
+        self.unknown += parsed.unknown
+        return parsed.items
+
+
+class Applier:
+    """Applies pending inbox rows in the background; ``drain()`` does it on demand."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        settings: Settings,
+        metrics: Metrics,
+        intake_saturated: Callable[[], bool] | None = None,
+    ) -> None:
+        self.storage = storage
+        self.metrics = metrics
+        self.batch_size = max(1, settings.applier_batch_size)
+        self.poll_seconds = settings.applier_poll_seconds
+        self.max_yield_seconds = settings.applier_max_yield_seconds
+        # Acks come first: while a burst saturates this replica's intake, the background
+        # applier steps aside (the inbox holds the rows durably) for at most max_yield_seconds
+        # in a row, then applies regardless. Under normal load it never yields.
+        self.intake_saturated = intake_saturated
+        self._yield_started: float | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._gauge_at = 0.0
+
+    async def start(self) -> None:
+        """Start the background task; it drains what is pending at once."""
+        if self._task is None:
+            self._stopping = False
+            self._task = asyncio.create_task(self._run(), name="webhook-applier")
+
+    async def stop(self) -> None:
+        """Let the current batch finish (briefly), then end the task; pending rows stay pending."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=5)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def notify(self) -> None:
+        """New rows were committed to the inbox: wake up (cheap; called after every commit)."""
+        self._wake.set()
+
+    async def drain(self) -> DrainSummary:
+        """Apply batches until nothing is pending (for this replica); returns what was done."""
+        return await self._drain(background=False)
+
+    async def _drain(self, background: bool) -> DrainSummary:
+        summary = DrainSummary()
+        while True:
+            if background:
+                if self._stopping:
+                    break
+                await self._yield_to_intake()
+                await self._refresh_gauge()
+            if await self._apply_once(summary) == 0:
+                break
+        return summary
+
+    # ---- internals ------------------------------------------------------------------------
+
+    async def _yield_to_intake(self) -> None:
+        """Wait while the intake is saturated, up to max_yield_seconds in a row."""
+        if self.intake_saturated is None:
+            return
+        while self.intake_saturated() and not self._stopping:
+            now = time.monotonic()
+            if self._yield_started is None:
+                self._yield_started = now
+            elif now - self._yield_started >= self.max_yield_seconds:
+                return  # overloaded for long: apply anyway (acks slow down, lag stays bounded)
+            await asyncio.sleep(YIELD_CHECK_SECONDS)
+        self._yield_started = None
+
+    async def _run(self) -> None:
+        backoff = ERROR_BACKOFF_SECONDS
+        while not self._stopping:
+            # Cleared before draining: a commit that lands during the drain wakes us again.
+            self._wake.clear()
+            try:
+                await self._drain(background=True)
+                backoff = ERROR_BACKOFF_SECONDS
+                timeout = self.poll_seconds
+            except Exception:  # the database went away: keep the task alive, retry later
+                log.exception("webhook applier pass failed; retrying in %.1fs", backoff)
+                timeout, backoff = backoff, min(backoff * 2, 30.0)
+            if self._stopping:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _apply_once(self, summary: DrainSummary) -> int:
+        """One batch; on an error, its rows one by one. Returns how many rows were handled."""
+        parser = _Parser()
+        try:
+            report = await self.storage.apply_webhook_batch(parser, self.batch_size)
+        except Exception as exc:
+            log.warning("webhook batch failed (%s); applying its rows one by one", exc)
+            ids = await self.storage.pending_webhook_ids(self.batch_size)
+            for inbox_id in ids:
+                await self._apply_row(inbox_id, summary)
+            return len(ids)
+        self._record(report, parser, summary)
+        return report.claimed
+
+    async def _apply_row(self, inbox_id: int, summary: DrainSummary) -> None:
+        error: Exception | None = None
+        for attempt in range(ROW_ATTEMPTS):
+            parser = _Parser()
+            try:
+                report = await self.storage.apply_webhook_batch(parser, 1, ids=[inbox_id])
+            except Exception as exc:
+                error = exc
+                await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+                continue
+            self._record(report, parser, summary)
+            return
+        assert error is not None
+        message = f"{type(error).__name__}: {error}"
+        log.error("webhook inbox row %d failed: %s", inbox_id, message)
+        await self.storage.mark_webhook_failed([inbox_id], message)
+        summary.failed += 1
+        self.metrics.webhook_applied.labels("failed").inc()
+
+    def _record(self, report: ApplyReport, parser: _Parser, summary: DrainSummary) -> None:
+        if report.claimed == 0:
+            return
+        summary.add(report)
+        summary.unknown_items += parser.unknown
+        if parser.unknown:
+            self.metrics.webhook_unknown_items.inc(parser.unknown)
+        applied = self.metrics.webhook_applied
+        for status in ("applied", "ignored", "invalid"):
+            n = getattr(report, status)
+            if n:
+                applied.labels(status).inc(n)
+        now_ms = time.time() * 1000
+        lag = self.metrics.webhook_apply_lag
+        for received in report.received_at:
+            lag.observe(max(0.0, (now_ms - received) / 1000))
+
+    async def _refresh_gauge(self) -> None:
+        now = time.monotonic()
+        if now - self._gauge_at >= PENDING_GAUGE_SECONDS:  # a count on every batch would cost
+            self._gauge_at = now
+            self.metrics.webhook_pending.set(await self.storage.pending_webhook_count())
+
+
+async def run_replay_command(settings: Settings) -> int:
+    """``python app.py replay-webhooks``: failed and invalid rows back to pending, then drain.
+
+    Prints what happened; exits 1 if some rows failed again, else 0.
+    """
+    storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        await storage.migrate()
+        requeued = await storage.requeue_webhooks(["failed", "invalid"])
+        summary = await Applier(storage, settings, Metrics()).drain()
+        counts = await storage.webhook_status_counts()
+    finally:
+        await storage.close()
+    print(f"requeued: {requeued}")
+    print(
+        f"applied: {summary.applied}, ignored: {summary.ignored}, invalid: {summary.invalid}, "
+        f"failed: {summary.failed}, events inserted: {summary.counts.events_inserted}"
+    )
+    print("inbox: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "empty"))
+    return 1 if summary.failed else 0
