@@ -21,5 +21,10 @@ USER app
 VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz').status != 200)"
-# The same start command as the README's quick start (uvicorn app:app), listening on all interfaces.
-CMD ["uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--forwarded-allow-ips", "*"]
+# The same start command as the README's quick start, listening on all interfaces. The flags are
+# routes/limits.py's SERVER_FLAGS: h11 bounds request headers at 64 KiB (httptools has no bound),
+# and requests still running 5 s after `docker stop` are answered 503 and cut, which leaves the
+# lifespan's shutdown (sync locks released) time to finish before Docker's SIGKILL at 10 s.
+CMD ["uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000", \
+     "--http", "h11", "--h11-max-incomplete-event-size", "65536", "--timeout-graceful-shutdown", "5", \
+     "--proxy-headers", "--forwarded-allow-ips", "*"]

@@ -1,7 +1,10 @@
 """The Messenger Sync Service: the ASGI app and its command line.
 
-uvicorn app:app                          serve (configuration from the environment / .env)
-python app.py serve [--host H] [--port P]
+uvicorn app:app --http h11 --h11-max-incomplete-event-size 65536 --timeout-graceful-shutdown 5
+                                         serve (configuration from the environment / .env; the
+                                         flags are routes.limits.SERVER_FLAGS: the header limit
+                                         and the shutdown deadline)
+python app.py serve [--host H] [--port P]  the same, with the same options
 python app.py migrate                    apply pending migrations
 python app.py create-api-key USER        print a new key for USER (stored hashed)
 python app.py sync PAGE_ID               sync a page from the terminal until it is done
@@ -29,9 +32,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ServiceError
 from core.metrics import Metrics
-from core.settings import Settings
-from routes import auth, conversations, dashboard, ops, pages, stream, sync, webhook
+from core.settings import ConfigError, Settings
+from routes import admin, auth, conversations, dashboard, ops, pages, stream, sync, webhook
 from routes.common import JSON
+from routes.limits import SERVER_OPTIONS, HTTPLimits
+from routes.stream import StreamSlots
 from storage import Storage, open_storage
 from sync.engine import SyncEngine
 from sync.graph_client import GRAPH_TIMEOUT, GraphClient
@@ -133,6 +138,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        log.info("starting: %s", settings.describe())
         storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         try:
             await storage.migrate()
@@ -143,19 +149,25 @@ def create_app(
                 applier = Applier(storage, settings, metrics, intake_saturated=inbox.saturated)
                 inbox.on_commit = applier.notify
                 await inbox.start()
-                if settings.run_applier:
+                if settings.applier_enabled:
                     await applier.start()
+                sync_engine = SyncEngine(storage, GraphClient(http), settings, metrics)
                 try:
                     yield {
                         "settings": settings,
+                        "http": http,
                         "storage": storage,
                         "metrics": metrics,
                         "env_keys": auth.hashed_env_keys(settings.api_keys),
-                        "sync": SyncEngine(storage, GraphClient(http), settings, metrics),
+                        "sync": sync_engine,
+                        "streams": StreamSlots(),
                         "inbox": inbox,
                         "applier": applier,
                     }
                 finally:
+                    # Before storage closes: running syncs stop and give their locks back, instead
+                    # of leaving their pages locked for the lease's whole TTL.
+                    await sync_engine.aclose()
                     await applier.stop()
                     await inbox.stop()
         finally:
@@ -170,6 +182,7 @@ def create_app(
             *conversations.routes,
             *sync.routes,
             *stream.routes,
+            *admin.routes,
             *dashboard.routes,
         ],
         exception_handlers={
@@ -179,6 +192,8 @@ def create_app(
         },
         lifespan=lifespan,
     )
+    # Outermost first in the request's path: RequestContext (request id, metrics), then the limits.
+    app.add_middleware(HTTPLimits, body_timeout_seconds=settings.body_timeout_seconds)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
 
@@ -229,12 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     sync_cmd.add_argument("--mode", choices=["incremental", "full"], default=None)
     sub.add_parser("replay-webhooks", help="apply failed and invalid inbox rows again")
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
 
     if args.command == "serve":
         import uvicorn
 
-        uvicorn.run("app:app", host=args.host, port=args.port, proxy_headers=True)
+        uvicorn.run("app:app", host=args.host, port=args.port, proxy_headers=True, **SERVER_OPTIONS)
         return 0
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
@@ -254,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # `uvicorn app:app`: our own INFO lines (sync outcomes, webhook batches) beside uvicorn's.
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-app = create_app()
+try:
+    app = create_app()
+except ConfigError as exc:  # `uvicorn app:app` with bad configuration: one line, not a traceback
+    print(f"configuration error: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,12 +1,21 @@
-"""A local stand-in for the Graph API's conversations listing, for benchmarks and manual tests.
+"""A local stand-in for the Graph API (one Page: its conversations and `/me`), for benchmarks and tests.
 
     python bench/graph_standin.py --port 8099 --conversations 5000
     GRAPH_API_URL=http://127.0.0.1:8099/v25.0 python app.py ...
 
-Serves ``GET [/{version}]/{page_id}/conversations`` with deterministic, synthesized
-conversations shaped like Graph's (newest first, ``t_...`` ids, ``m_...`` mids, 16-digit
-PSIDs). The ``after`` cursor is an opaque base64 offset and ``paging.next`` is present until
-the last page. Each page is generated on the fly, so memory stays flat in the total size.
+It serves one Page, ``--page-id``, and prints the GRAPH_API_URL to use at start:
+
+* ``GET [/{version}]/me?fields=id,name`` answers ``{"id": <page id>, "name": <page name>}`` for a
+  token of that Page, as Graph does for a Page access token, so ``POST /api/pages`` can verify the
+  token. Which tokens are the Page's: by default every token (any ``Authorization: Bearer ...``);
+  with ``--tokens a,b`` only those, and any other token is refused with Graph's code 190 (invalid
+  token), on ``/me`` and on the listing alike. A request without a token gets code 104.
+  Registering another Page id with a token the stand-in accepts is refused (403
+  ``page_token_mismatch``): ``/me`` answers the stand-in's Page, not the one claimed.
+* ``GET [/{version}]/{page_id}/conversations`` serves deterministic, synthesized conversations
+  shaped like Graph's (newest first, ``t_...`` ids, ``m_...`` mids, 16-digit PSIDs). The ``after``
+  cursor is an opaque base64 offset and ``paging.next`` is present until the last page. Each page
+  is generated on the fly, so memory stays flat in the total size.
 """
 
 from __future__ import annotations
@@ -106,21 +115,45 @@ def create_standin(
     page_fb_id: str,
     messages_per_conversation: int = 3,
     latency_ms: float = 0,
+    *,
+    tokens: frozenset[str] | None = None,
+    page_name: str = "Stand-in Page",
 ) -> Starlette:
-    """A Starlette app serving ``total_conversations`` synthesized conversations of one page."""
+    """A Starlette app serving ``total_conversations`` synthesized conversations of one page, and
+    ``/me`` for its tokens: ``tokens``, or every token when ``tokens`` is None."""
     page = {
-        "name": "Stand-in Page",
+        "name": page_name,
         "email": f"{page_fb_id}@facebook.com",
         "id": page_fb_id,
     }
+
+    def refuse_token(request: Request) -> Response | None:
+        """Graph's answer to a request whose token is missing or not one of the page's, else None."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme != "Bearer" or not token:
+            return _error(400, "An active access token must be used to query information.", 104)
+        if tokens is not None and token not in tokens:
+            return _error(400, "Invalid OAuth access token - Cannot parse access token", 190)
+        return None
+
+    async def me(request: Request) -> Response:
+        if latency_ms > 0:
+            await asyncio.sleep(latency_ms / 1000)
+        refused = refuse_token(request)
+        if refused is not None:
+            return refused
+        fields = request.query_params.get("fields", "id,name").split(",")  # Graph's default for /me
+        body = {k: v for k, v in (("id", page_fb_id), ("name", page_name)) if k in fields}
+        return Response(_encoder.encode(body), media_type="application/json")
 
     async def conversations(request: Request) -> Response:
         if latency_ms > 0:
             await asyncio.sleep(latency_ms / 1000)
         if request.path_params["page_id"] != page_fb_id:
             return _error(400, "(#100) Unsupported get request.", 100)
-        if not request.headers.get("authorization", "").startswith("Bearer "):
-            return _error(400, "An access token is required.", 104)
+        refused = refuse_token(request)
+        if refused is not None:
+            return refused
         query = request.query_params
         try:
             limit = min(_MAX_LIMIT, max(1, int(query.get("limit", _DEFAULT_LIMIT))))
@@ -133,10 +166,7 @@ def create_standin(
                 return _error(400, "(#100) Invalid cursor parameter", 100)
             offset = decoded
         end = min(total_conversations, offset + limit)
-        data = [
-            synthesize_conversation(i, page, messages_per_conversation)
-            for i in range(offset, end)
-        ]
+        data = [synthesize_conversation(i, page, messages_per_conversation) for i in range(offset, end)]
         body: dict[str, Any] = {"data": data}
         if data:
             paging: dict[str, Any] = {
@@ -152,27 +182,79 @@ def create_standin(
             body["paging"] = paging
         return Response(_encoder.encode(body), media_type="application/json")
 
+    # /me before /{version}/{page_id}/...: "me" is never a version, but keep the order obvious.
     routes = [
+        Route("/me", me, methods=["GET"]),
+        Route("/{version}/me", me, methods=["GET"]),
         Route("/{page_id}/conversations", conversations, methods=["GET"]),
         Route("/{version}/{page_id}/conversations", conversations, methods=["GET"]),
     ]
     return Starlette(routes=routes)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``--help`` describes each option)."""
+    parser = argparse.ArgumentParser(
+        prog="python bench/graph_standin.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8099, help="port to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--conversations",
+        type=int,
+        default=5000,
+        help="conversations the page has in all (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--page-id",
+        default="104325188712345",
+        help="the one Page served: its listing, and the id /me answers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--page-name", default="Stand-in Page", help="the name /me answers (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--tokens",
+        default="",
+        help="comma-separated access tokens of the page; any other token is refused with code 190 "
+        "(default: every token is the page's)",
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=3,
+        help="messages per conversation; Graph details at most 20 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0,
+        help="delay before each answer, in milliseconds (default: %(default)s)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Run the stand-in with uvicorn."""
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8099)
-    parser.add_argument("--conversations", type=int, default=5000)
-    parser.add_argument("--page-id", default="104325188712345")
-    parser.add_argument("--messages", type=int, default=3)
-    parser.add_argument("--latency-ms", type=float, default=0)
-    args = parser.parse_args()
+    args = parse_args(argv)
+    tokens = frozenset(t.strip() for t in args.tokens.split(",") if t.strip()) or None
     app = create_standin(
-        args.conversations, args.page_id, args.messages, args.latency_ms
+        args.conversations,
+        args.page_id,
+        args.messages,
+        args.latency_ms,
+        tokens=tokens,
+        page_name=args.page_name,
+    )
+    accepted = f"{len(tokens)} token(s) given by --tokens" if tokens else "any token"
+    print(
+        f"Graph stand-in: GRAPH_API_URL=http://{args.host}:{args.port}/v25.0 "
+        f"(page {args.page_id}, {args.conversations} conversations; /me accepts {accepted})",
+        flush=True,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

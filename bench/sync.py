@@ -41,6 +41,7 @@ from schema.api import SyncRequest  # noqa: E402
 from storage import open_storage  # noqa: E402
 from sync.engine import SyncEngine  # noqa: E402
 from sync.graph_client import GraphClient  # noqa: E402
+from sync.page_token import verify_page_token  # noqa: E402
 
 PAGE = "104325188712345"
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)
@@ -120,13 +121,17 @@ async def fetch_only(graph_url: str) -> tuple[float, int]:
 
 
 async def full_sync(graph_url: str, database_url: str) -> tuple[float, int]:
-    """A full sync into an empty database: (seconds, conversations synced). Setup is not timed."""
+    """A full sync into an empty database: (seconds, conversations synced). Setup is not timed.
+
+    The page is registered as POST /api/pages does it: its token verified with the stand-in's /me first.
+    """
     settings = Settings(database_url=database_url, graph_api_url=graph_url, sync_time_budget_seconds=3600)
     storage = await open_storage(database_url)
     try:
         await storage.migrate()
-        page, _ = await storage.register_page("bench", PAGE, "bench-token", "Bench")
         async with httpx.AsyncClient(base_url=graph_url, timeout=TIMEOUT) as http:
+            identity = await verify_page_token(http, PAGE, "bench-token")
+            page, _ = await storage.register_page("bench", PAGE, "bench-token", identity.name)
             engine = SyncEngine(storage, GraphClient(http), settings, Metrics())
             request = SyncRequest(page_id=page.id, facebook_page_id=PAGE, mode="full")
             started = time.perf_counter()

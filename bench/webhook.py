@@ -3,12 +3,15 @@
     python bench/webhook.py                       # SQLite and PostgreSQL, 10 s each, 32 connections
     python bench/webhook.py --engines sqlite --duration 5 --profile /tmp/prof
 
-For each engine: a fresh database, the service under uvicorn (one worker, 127.0.0.1), a page
-registered, then wrk (``bench/webhook.lua``) POSTs pre-signed bodies with distinct message ids
-for ``--duration`` seconds at ``--connections`` connections. The ack rate and latency come from
-wrk; the end-to-end rate is inbox rows applied / (time from the first request until no inbox
-row is pending). Then a normal load (300 webhooks at 100/s) reports the apply lag. The bare
-endpoint (``bench/bare_app.py``: verify + decode + 200) runs the same wrk load in the same run.
+For each engine: a fresh database, the service under uvicorn (one worker, 127.0.0.1) with
+GRAPH_API_URL pointed at the Graph stand-in (``bench/graph_standin.py``, which knows the bench
+page's token), a page registered through the API (its token verified with the stand-in's ``/me``,
+and a claim of another page with it checked to be refused), then wrk (``bench/webhook.lua``)
+POSTs pre-signed bodies with distinct message ids for ``--duration`` seconds at ``--connections``
+connections. The ack rate and latency come from wrk; the end-to-end rate is inbox rows applied /
+(time from the first request until no inbox row is pending). Then a normal load (300 webhooks at
+100/s) reports the apply lag. The bare endpoint (``bench/bare_app.py``: verify + decode + 200)
+runs the same wrk load in the same run.
 SPEC targets: ack >= 0.8x bare with p99 < 50 ms; end-to-end >= 0.5x; lag under 1 s.
 
 ``--profile DIR`` records the service with py-spy during the load (``pip install py-spy``)
@@ -41,12 +44,15 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from routes.limits import SERVER_FLAGS  # noqa: E402
 from storage import open_storage  # noqa: E402
 from webhook.signature import sign  # noqa: E402
 
 SECRET = "bench-app-secret"
 API_KEY = "bench-key-0123456789"
 PAGE = "104325188712345"
+PAGE_TOKEN = "EAAB-bench-page-token"  # the only token the stand-in accepts (--tokens)
+OTHER_PAGE = "104325188799999"
 CONTACTS = 1000  # distinct PSIDs the events spread over
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1/test")
 LUA = Path(__file__).resolve().parent / "webhook.lua"
@@ -100,6 +106,52 @@ def make_bodies(path: Path, count: int, tag: str) -> None:
             out.write(sign(secret, body).encode() + b"\t" + body + b"\n")
 
 
+def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
+    """Wait (at most 30 s) until `proc` accepts connections on `port`."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{what} did not start")
+
+
+@contextlib.contextmanager
+def graph_standin() -> Iterator[str]:
+    """The Graph stand-in, serving the bench page and accepting only PAGE_TOKEN: its GRAPH_API_URL."""
+    port = free_port()
+    command = [
+        sys.executable, str(ROOT / "bench" / "graph_standin.py"), "--port", str(port),
+        "--page-id", PAGE, "--tokens", PAGE_TOKEN, "--conversations", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        wait_listening(proc, port, "the Graph stand-in")
+        yield f"http://127.0.0.1:{port}/v25.0"
+    finally:
+        stop(proc)
+
+
+def register_page(port: int) -> None:
+    """Register the bench page through the API: the service verifies PAGE_TOKEN with the stand-in."""
+    url, headers = f"http://127.0.0.1:{port}/api/pages", {"Authorization": f"Bearer {API_KEY}"}
+    created = httpx.post(url, json={"facebookPageId": PAGE, "accessToken": PAGE_TOKEN}, headers=headers)
+    created.raise_for_status()
+    # Proof that the registration went through /me, not around it: the token cannot claim another page.
+    claim = httpx.post(url, json={"facebookPageId": OTHER_PAGE, "accessToken": PAGE_TOKEN}, headers=headers)
+    if claim.status_code != 403:
+        raise RuntimeError(f"a claim of another page answered {claim.status_code}, not 403: {claim.text}")
+
+
+# The HTTP implementation's flags (--http): the production command line's by default.
+UVICORN_FLAGS: list[str] = list(SERVER_FLAGS)
+
+
 def start_uvicorn(target: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [
@@ -116,21 +168,13 @@ def start_uvicorn(target: str, port: int, env: dict[str, str]) -> subprocess.Pop
             "--log-level",
             "warning",
             "--no-access-log",
+            *UVICORN_FLAGS,
         ],
         cwd=ROOT,
         env={**os.environ, **env},
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{target} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{target} did not start")
+    wait_listening(proc, port, target)
+    return proc
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -258,8 +302,8 @@ def profile_summary(raw: Path, top: int = 25) -> str:
 
 @contextlib.contextmanager
 def service(engine: str, work: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, str]]:
-    """The service under uvicorn on a fresh database with the bench page registered:
-    (process, port, DATABASE_URL); the database is dropped afterwards."""
+    """The service under uvicorn on a fresh database, its Graph the stand-in, with the bench page
+    registered: (process, port, DATABASE_URL); the database is dropped afterwards."""
     schema = None
     if engine == "sqlite":
         database_url = f"sqlite:///{work}/bench-{uuid.uuid4().hex[:6]}.db"
@@ -268,22 +312,22 @@ def service(engine: str, work: Path) -> Iterator[tuple[subprocess.Popen[bytes], 
         asyncio.run(pg_schema("CREATE", schema))
         database_url = f"{PG_URL}?search_path={schema}"
     port = free_port()
-    env = {
-        "DATABASE_URL": database_url,
-        "FB_APP_SECRET": SECRET,
-        "FB_VERIFY_TOKEN": "bench",
-        "API_KEYS": f"bench:{API_KEY}",
-    }
-    proc = start_uvicorn("app:app", port, env)
     try:
-        httpx.post(
-            f"http://127.0.0.1:{port}/api/pages",
-            json={"facebookPageId": PAGE, "accessToken": "EAAB-bench"},
-            headers={"Authorization": f"Bearer {API_KEY}"},
-        ).raise_for_status()
-        yield proc, port, database_url
+        with graph_standin() as graph_url:
+            env = {
+                "DATABASE_URL": database_url,
+                "GRAPH_API_URL": graph_url,
+                "FB_APP_SECRET": SECRET,
+                "FB_VERIFY_TOKEN": "bench",
+                "API_KEYS": f"bench:{API_KEY}",
+            }
+            proc = start_uvicorn("app:app", port, env)
+            try:
+                register_page(port)
+                yield proc, port, database_url
+            finally:
+                stop(proc)
     finally:
-        stop(proc)
         if schema is not None:
             asyncio.run(pg_schema("DROP", schema))
 
@@ -380,19 +424,28 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (the machine has few cores)")
     parser.add_argument("--bodies", type=int, default=0, help="distinct bodies (default: 15000/s of load)")
     parser.add_argument("--profile", default=None, help="folder for py-spy profiles of the service")
+    parser.add_argument(
+        "--http",
+        choices=["h11", "httptools"],
+        default="h11",
+        help="uvicorn's HTTP parser, for the service and the bare endpoint alike: h11 with the production "
+        "flags (routes/limits.py SERVER_FLAGS: headers bounded at 64 KiB), or httptools (uvicorn's "
+        "default when installed; unbounded headers)",
+    )
     args = parser.parse_args()
+    UVICORN_FLAGS[:] = SERVER_FLAGS if args.http == "h11" else ["--http", "httptools"]
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
         return 2
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     try:
-        import httptools  # noqa: F401
         import uvloop  # noqa: F401
 
-        stack = "uvicorn + uvloop + httptools"
+        loop = "uvloop"
     except ImportError:
-        stack = "uvicorn + asyncio + h11 (install uvicorn[standard] for uvloop/httptools)"
+        loop = "asyncio"
+    stack = f"uvicorn + {loop} + {args.http} ({' '.join(UVICORN_FLAGS)})"
     print(f"server: {stack}, 1 worker; wrk -t{args.threads} -c{args.connections} -d{args.duration}s")
 
     with tempfile.TemporaryDirectory(prefix="webhook-bench-") as tmp:

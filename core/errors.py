@@ -3,12 +3,21 @@
 ServiceError                   status, code, message -> {"success": false, "error", "code"}
 ├── BadRequest                 400 bad_request (and subclasses with their own code)
 │   ├── ValidationFailed       400 validation_error (msgspec's message, with its JSON path)
-│   └── InvalidResumeSession   400 invalid_resume_session
+│   ├── InvalidResumeSession   400 invalid_resume_session
+│   ├── InvalidToken           400 invalid_token (Graph code 190, or not printable ASCII)
+│   └── InsufficientPermissions 400 insufficient_permissions (Graph codes 10, 200-299)
 ├── Unauthorized               401 unauthorized
+├── PageTokenMismatch          403 page_token_mismatch (the token is not the page's own)
 ├── NotFound                   404 not_found
+├── RequestTimeout             408 request_timeout (the body did not arrive in time)
 ├── SyncInProgress             409 sync_in_progress (+ expiresAt)
 ├── PayloadTooLarge            413 payload_too_large
+├── TooManyStreams             429 too_many_streams (an API key's open event streams)
+├── HeadersTooLarge            431 headers_too_large (request headers over 64 KiB in all)
 ├── ServiceUnavailable         503 service_unavailable
+│   ├── DatabaseUnavailable    503 database_unavailable (the database cannot be reached)
+│   ├── WebhookNotConfigured   503 webhook_not_configured (no FB_APP_SECRET)
+│   └── ShuttingDown           503 shutting_down (the server stopped before the request ended)
 ├── LeaseLost                  409 lease_lost: a sync whose lock was taken over may not write
 └── GraphError                 502 graph_error: the Graph API failed in a way retries cannot cure
     ├── GraphAuthError         502 graph_auth (code 190: the page must be re-authorized)
@@ -52,9 +61,37 @@ class InvalidResumeSession(BadRequest):
     code = "invalid_resume_session"
 
 
+class InvalidToken(BadRequest):
+    code = "invalid_token"
+
+
+class InsufficientPermissions(BadRequest):
+    code = "insufficient_permissions"
+
+
 class Unauthorized(ServiceError):
     status_code = 401
     code = "unauthorized"
+
+
+class PageTokenMismatch(ServiceError):
+    status_code = 403
+    code = "page_token_mismatch"
+
+
+class RequestTimeout(ServiceError):
+    status_code = 408
+    code = "request_timeout"
+
+
+class TooManyStreams(ServiceError):
+    status_code = 429
+    code = "too_many_streams"
+
+
+class HeadersTooLarge(ServiceError):
+    status_code = 431
+    code = "headers_too_large"
 
 
 class NotFound(ServiceError):
@@ -80,6 +117,18 @@ class PayloadTooLarge(ServiceError):
 class ServiceUnavailable(ServiceError):
     status_code = 503
     code = "service_unavailable"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+
+
+class WebhookNotConfigured(ServiceUnavailable):
+    code = "webhook_not_configured"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
 
 
 class GraphError(ServiceError):

@@ -38,11 +38,19 @@ class Metrics:
             registry=r,
         )
         self.webhook_applied = Counter(
-            "webhook_inbox_rows", "Inbox rows processed by the applier", ["status"], registry=r
+            "webhook_inbox_rows",
+            "Inbox rows processed by the applier, by the status they ended in (invalid: unreadable)",
+            ["status"],
+            registry=r,
         )
         self.webhook_unknown_items = Counter(
             "webhook_unknown_items",
-            "Webhook items of an unknown kind (or without a contact), skipped",
+            "Webhook items of a kind not stored (or without a contact), counted and left in the inbox",
+            registry=r,
+        )
+        self.webhook_skipped_items = Counter(
+            "webhook_skipped_items",
+            "Webhook items that could not be read (wrong type, out of range), listed on their inbox row",
             registry=r,
         )
         self.webhook_apply_lag = Histogram(

@@ -26,6 +26,7 @@ EVENT_TYPES = frozenset(
         "referral",
         "optin",
         "message_edited",
+        "message_deleted",  # an unsend: the original message event keeps its row, loses its content
     }
 )
 

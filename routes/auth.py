@@ -2,6 +2,9 @@
 
 Keys are compared by their SHA-256 (keys are long random strings, so a fast hash is the
 right tool); the database holds only hashes, and a new key is shown once.
+
+An admin key (ADMIN_KEYS) is a valid key that is also listed there, by the key itself or, for a
+stored key, by its id; it sees the operator views (the inbox holds every tenant's bodies).
 """
 
 from __future__ import annotations
@@ -12,7 +15,14 @@ from collections.abc import Mapping
 
 from starlette.requests import Request
 
-from core.errors import Unauthorized
+from core.errors import ServiceError, Unauthorized
+
+
+class AdminOnly(ServiceError):
+    """403 admin_only: a valid key that ADMIN_KEYS does not list asked for an operator view."""
+
+    status_code = 403
+    code = "admin_only"
 
 
 def hash_key(key: str) -> str:
@@ -30,16 +40,41 @@ def hashed_env_keys(api_keys: Mapping[str, str]) -> dict[str, str]:
     return {hash_key(key): user for key, user in api_keys.items()}
 
 
-async def require_user(request: Request) -> str:
-    """The user the request's bearer key belongs to; raises Unauthorized (401) otherwise."""
+def _bearer_key(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("Missing bearer API key")
-    digest = hash_key(key.strip())
+    return key.strip()
+
+
+async def require_user(request: Request) -> str:
+    """The user the request's bearer key belongs to; raises Unauthorized (401) otherwise."""
+    digest = hash_key(_bearer_key(request))
     user = request.state.env_keys.get(digest)
     if user is None:
         user = await request.state.storage.user_for_key_hash(digest)
     if user is None:
         raise Unauthorized("Invalid API key")
+    return user
+
+
+async def is_admin(request: Request) -> bool:
+    """Whether the request's key (already known valid) is listed in ADMIN_KEYS, itself or by its id."""
+    admin_keys: frozenset[str] = request.state.settings.admin_keys
+    if not admin_keys:
+        return False
+    key = _bearer_key(request)
+    if key in admin_keys:
+        return True
+    # Only stored keys have ids; one query, and only when ADMIN_KEYS is set and the key is not in it.
+    key_id = await request.state.storage.api_key_id(hash_key(key))
+    return key_id is not None and str(key_id) in admin_keys
+
+
+async def require_admin(request: Request) -> str:
+    """The user of a valid admin key; 401 without a valid key, 403 admin_only for any other key."""
+    user = await require_user(request)
+    if not await is_admin(request):
+        raise AdminOnly("This view needs an admin key (ADMIN_KEYS)")
     return user

@@ -5,9 +5,9 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.routing import Route
 
-from core.errors import BadRequest, NotFound
+from core.errors import NotFound
 from routes.auth import require_user
-from routes.common import JSON, decode_cursor, encode_cursor, query_int
+from routes.common import JSON, decode_cursor, encode_cursor, path_int_id, query_id, query_int
 
 MAX_LIMIT = 500
 
@@ -15,9 +15,7 @@ MAX_LIMIT = 500
 async def list_conversations(request: Request) -> JSON:
     """GET /api/conversations?pageId=&limit=&cursor=."""
     user = await require_user(request)
-    page_id = request.query_params.get("pageId")
-    if not page_id:
-        raise BadRequest("pageId is required")
+    page_id = query_id(request, "pageId")
     limit = query_int(request, "limit", 50, 1, MAX_LIMIT)
     after = decode_cursor(request.query_params.get("cursor"))
     storage = request.state.storage
@@ -33,15 +31,15 @@ async def list_conversations(request: Request) -> JSON:
 async def list_events(request: Request) -> JSON:
     """GET /api/conversations/{id}/events?limit=&cursor=."""
     user = await require_user(request)
-    raw_id = request.path_params["conversation_id"]
-    if not raw_id.isdigit() or len(raw_id) > 18:
+    conversation_id = path_int_id(request, "conversation_id")
+    if conversation_id is None:
         raise NotFound("Conversation not found")
     limit = query_int(request, "limit", 50, 1, MAX_LIMIT)
     after = decode_cursor(request.query_params.get("cursor"))
     storage = request.state.storage
-    if await storage.get_conversation(user, int(raw_id)) is None:
+    if await storage.get_conversation(user, conversation_id) is None:
         raise NotFound("Conversation not found")
-    rows = await storage.list_events(int(raw_id), limit + 1, after)
+    rows = await storage.list_events(conversation_id, limit + 1, after)
     more = len(rows) > limit
     rows = rows[:limit]
     cursor = encode_cursor((rows[-1]["eventTimestamp"], rows[-1]["id"])) if more else None

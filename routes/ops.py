@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from core.errors import DatabaseUnavailable
 from routes.common import JSON
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,12 @@ async def readyz(request: Request) -> JSON:
     """The database is reachable: 200, else 503 (so a load balancer stops sending traffic)."""
     try:
         await request.state.storage.ping()
-    except Exception as exc:  # any failure to reach the database means "not ready"
+    except DatabaseUnavailable as exc:  # the engine has logged the outage already
+        return JSON(exc.to_json(), status_code=exc.status_code)
+    except Exception as exc:  # any other failure to reach the database also means "not ready"
         log.warning("readiness check failed: %s", type(exc).__name__)
-        return JSON(
-            {"success": False, "error": "Database unreachable", "code": "database_unavailable"},
-            status_code=503,
-        )
+        error = DatabaseUnavailable("Database unreachable")
+        return JSON(error.to_json(), status_code=error.status_code)
     return JSON({"status": "ready"})
 
 

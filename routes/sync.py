@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from routes.auth import require_user
-from routes.common import JSON, read_json
+from routes.common import JSON, check_id, read_json
 from schema.api import SyncRequest
 
 
@@ -20,6 +20,10 @@ async def sync_conversations(request: Request) -> JSON:
     """Run or continue the page's sync within its time budget (see sync_engine)."""
     user = await require_user(request)
     body = await read_json(request, SyncRequest)
+    check_id(body.page_id, "pageId")
+    check_id(body.facebook_page_id, "facebookPageId")
+    if body.resume_session is not None:
+        check_id(body.resume_session, "resumeSession")
     return JSON(await request.state.sync.sync(user, body))
 
 

@@ -6,7 +6,8 @@
     ├── Conversation             id "t_...", updated_time, counts, participants, messages
     │   ├── ParticipantEdge      {"data": [Participant]}
     │   └── MessageEdge          {"data": [Message]}: the 20 most recent, newest first
-    └── Paging                   {"cursors": {"before", "after"}, "next"}
+    └── Paging                   {"cursors": {"before", "after"}, "next"}: the next page's cursor is
+                                 cursors.after, else the ``after`` of the ``next`` URL (never followed)
     GraphErrorBody               {"error": {"message", "type", "code", "error_subcode", "fbtrace_id"}}
     AppUsage, BusinessUseCaseUsage   X-App-Usage / X-Page-Usage, X-Business-Use-Case-Usage
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
@@ -127,11 +129,32 @@ class ConversationList(_Struct):
     paging: Paging | None = None
 
     @property
+    def has_next(self) -> bool:
+        """Whether Graph says a next page exists (``paging.next``)."""
+        return self.paging is not None and bool(self.paging.next)
+
+    @property
     def next_cursor(self) -> str | None:
-        """The ``after`` cursor when Graph says a next page exists, else None."""
-        if self.paging is None or not self.paging.next or self.paging.cursors is None:
+        """The ``after`` cursor of the next page when Graph says one exists, else None.
+
+        From ``paging.cursors.after``, else from the ``after`` parameter of the ``next`` URL
+        (only read, never followed: it may point anywhere, and carries a token). None with
+        ``has_next`` means Graph gave no way forward.
+        """
+        if self.paging is None or not self.paging.next:
             return None
-        return self.paging.cursors.after
+        if self.paging.cursors is not None and self.paging.cursors.after:
+            return self.paging.cursors.after
+        return after_of_url(self.paging.next)
+
+
+def after_of_url(url: str) -> str | None:
+    """The ``after`` query parameter of a URL, or None (also for a string that is not a URL)."""
+    try:
+        values = parse_qs(urlsplit(url).query).get("after", [])
+    except ValueError:
+        return None
+    return next((value for value in values if value), None)
 
 
 class GraphErrorDetail(_Struct):
@@ -201,9 +224,7 @@ def decode_conversation_list(body: bytes) -> ConversationList:
             conversations.append(_conversation_decoder.decode(raw))
         except msgspec.ValidationError as exc:
             skipped.append(_relocate(str(exc), f"$.data[{index}]"))
-    return ConversationList(
-        conversations=conversations, skipped=skipped, paging=envelope.paging
-    )
+    return ConversationList(conversations=conversations, skipped=skipped, paging=envelope.paging)
 
 
 def _relocate(message: str, prefix: str) -> tuple[str, str]:

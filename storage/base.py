@@ -118,8 +118,23 @@ class ApplyReport:
     received_at: list[int] = field(default_factory=list)  # of the rows applied (ms; for the lag metric)
 
 
-# Turns an inbox body into (facebook page id, record) items; raises on a body it cannot read.
-WebhookParser = Callable[[bytes], Sequence[tuple[str, ConversationRecord]]]
+@dataclass(frozen=True)
+class ParsedInboxBody:
+    """What the applier read from one inbox body, for storage to apply.
+
+    A row ends `applied` when one of `pages` is registered (even if all its items were of
+    kinds not stored), else `ignored`; `error` (items skipped, with their JSON paths) is kept
+    on the row either way.
+    """
+
+    items: Sequence[tuple[str, ConversationRecord]] = ()  # (facebook page id, record)
+    pages: Sequence[str] = ()  # facebook page ids the body has messaging items for
+    unsent: Sequence[tuple[str, str, str]] = ()  # (facebook page id, contact, mid): content to drop
+    error: str | None = None
+
+
+# Reads an inbox body; raises on a body it cannot read (the row ends `invalid` with the message).
+WebhookParser = Callable[[bytes], ParsedInboxBody]
 
 
 class Storage(Protocol):
@@ -244,11 +259,132 @@ class Storage(Protocol):
     async def pending_webhook_ids(self, limit: int) -> list[int]:
         """Ids of pending inbox rows, oldest first."""
 
-    async def requeue_webhooks(self, statuses: Sequence[str]) -> int:
-        """Set rows of these statuses back to pending (replay); returns how many."""
+    async def requeue_webhooks(self, statuses: Sequence[str], *, with_skipped_items: bool = False) -> int:
+        """Set rows of these statuses (and applied rows that skipped items) back to pending; how many."""
 
     async def webhook_status_counts(self) -> dict[str, int]:
         """Inbox rows by status."""
 
     async def pending_webhook_count(self) -> int:
         """How many inbox rows are pending (the applier's backlog)."""
+
+    # ---- autopilot (issue 9; storage/autopilot.py): schedule, rate-limit pool, status, deleting ----
+    async def due_pages(
+        self, interval_ms: int, limit: int, grace_ms: int, exclude: Sequence[str] = ()
+    ) -> list[DuePage]:
+        """Pages due for a scheduled sync (valid token, unlocked, not held), oldest due first."""
+
+    async def set_schedule(
+        self,
+        page_id: str,
+        outcome: str,
+        *,
+        not_before: int | None = None,
+        delay_ms: int | None = None,
+        last_error: str | None = None,
+        reset_failures: bool = True,
+    ) -> None:
+        """Record a scheduled sync's outcome (and how long to wait); a deleted page is a no-op."""
+
+    async def record_sync_failure(
+        self, page_id: str, error: str, base_ms: int, cap_ms: int
+    ) -> ScheduleEntry | None:
+        """Count a failure and back off min(base * 2**(failures-1), cap) from now; None if page gone."""
+
+    async def get_schedule(self, page_id: str) -> ScheduleEntry | None:
+        """The page's schedule row, if the scheduler ever ran it."""
+
+    async def page_sync_facts(
+        self,
+        user_id: str | None,
+        page_id: str | None,
+        interval_ms: int,
+        grace_ms: int,
+        *,
+        count_conversations: bool = True,
+    ) -> list[PageSyncFacts]:
+        """What each page's status is built from (one user's pages, or all with user_id None)."""
+
+    async def update_rate_pool(
+        self, keys: Sequence[str], decide: Callable[[int, dict[str, PoolRow]], Any]
+    ) -> Any:
+        """One transaction: lock the pool rows (created if new), call decide(db_now, rows), save them."""
+
+    async def rate_pool_rows(self, keys: Sequence[str]) -> tuple[int, dict[str, PoolRow]]:
+        """(database now, the pool rows that exist among keys), without locking."""
+
+    async def delete_expired_webhook_events(self, max_age_ms: int, limit: int) -> int:
+        """Delete up to limit applied/ignored inbox rows older than max_age_ms; how many."""
+
+    async def delete_page(self, user_id: str, page_id: str) -> bool:
+        """Delete one of the user's pages with its data and lock (a running sync stops); False if none."""
+
+    async def delete_conversation(
+        self, user_id: str, conversation_id: int, contacts_of: BodyContacts, batch: int = 500
+    ) -> bool:
+        """Delete a conversation of the user's, its events and the inbox rows carrying only its contact."""
+
+
+# Reads an inbox body: (facebook page id, contact PSID) of each item naming a contact; raises if unreadable.
+BodyContacts = Callable[[bytes], Sequence[tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class DuePage:
+    """A page the scheduler may sync now, and when it became due (database clock)."""
+
+    page_id: str
+    user_id: str
+    facebook_page_id: str
+    due_at: int
+    db_now: int
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """The scheduler's memory of a page: its last outcome and how long it must wait."""
+
+    page_id: str
+    outcome: str  # ok | token_invalid | rate_limited | error
+    not_before: int | None
+    failures: int
+    last_error: str | None
+    updated_at: int
+
+
+@dataclass(frozen=True)
+class PageSyncFacts:
+    """Everything a page's status is built from, read together (times in ms, database clock)."""
+
+    page: Page
+    db_now: int
+    conversations: int
+    session_id: str | None
+    is_complete: bool | None  # None: never synced
+    total_synced: int  # by the current session
+    completed_syncs: int
+    completed_at: int | None
+    state_updated_at: int | None
+    state_error: str | None
+    schedule: ScheduleEntry | None
+    lock_expires_at: int | None  # a live lease: a sync is running
+    hold_until: int | None  # the rate-limit pool holds the page (or the whole app) until then
+    due_at: int | None  # when the scheduler will next run it (None: its token is invalid)
+
+
+@dataclass
+class PoolRow:
+    """One row of the rate-limit pool ('app', or 'page:<facebook page id>'), changed in place by a decide."""
+
+    key: str
+    next_slot: float = 0.0  # ms: the earliest next call (per-page spacing; app-wide pacing)
+    hold_until: int | None = None
+    hold_code: int | None = None
+    usage_pct: float | None = None
+    usage_at: int | None = None
+    rate_cap: float | None = None  # app row: calls a second allowed across replicas
+    recent_sends: str = ""  # app row: send times (ms) of the last second, comma-separated
+    page_limit: int | None = None  # page row: a reduced page size Graph asked for
+    page_limit_at: int | None = None
+    calls: int = 0
+    throttled: int = 0

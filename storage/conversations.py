@@ -5,6 +5,11 @@ inside the caller's transaction: one statement per table per batch (never an `aw
 events deduplicated by the unique indexes, stored conversations updated by compare-and-set on
 `version` (re-read and retried on conflict), and a conversation the merge does not change
 keeps its version. Time never moves backwards: `last_message` changes only for a newer one.
+
+Text the database cannot hold (SPEC semantics 11): PostgreSQL's text and jsonb refuse U+0000,
+so every text this path writes (ids, names, messages, the strings of an event's JSON payload)
+is stored with U+0000 removed, on both engines alike, before records are merged and keyed.
+Finding none costs one scan of each string (the payload: of its encoded JSON).
 """
 
 from __future__ import annotations
@@ -24,6 +29,81 @@ from storage.engine import Conn
 CAS_ATTEMPTS = 8
 
 _json_encode = msgspec.json.Encoder().encode
+
+NUL = "\x00"
+_ENCODED_NUL = "\\u0000"  # how msgspec writes U+0000 inside a JSON string
+
+
+def without_nul(text: str | None) -> str | None:
+    """`text` with U+0000 removed (None stays None); the same object when it has none."""
+    if text is None or NUL not in text:
+        return text
+    return text.replace(NUL, "")
+
+
+def _json_without_nul(value: Any) -> Any:
+    """A JSON value (builtins) with U+0000 removed from every string, keys included."""
+    if isinstance(value, str):
+        return value.replace(NUL, "")
+    if isinstance(value, dict):
+        return {
+            (k.replace(NUL, "") if isinstance(k, str) else k): _json_without_nul(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_json_without_nul(v) for v in value]
+    return value
+
+
+def encode_payload(payload: Any) -> str:
+    """An event's payload as JSON text that PostgreSQL's jsonb accepts (no U+0000 escape)."""
+    encoded = _json_encode(payload).decode()
+    if _ENCODED_NUL in encoded:  # rare (or a literal backslash-u0000 text): only then walk it
+        encoded = _json_encode(_json_without_nul(msgspec.to_builtins(payload))).decode()
+    return encoded
+
+
+def _event_has_nul(event: EventRecord) -> bool:
+    return bool((event.message_id and NUL in event.message_id) or (event.content and NUL in event.content))
+
+
+def _record_has_nul(rec: ConversationRecord) -> bool:
+    # Plain loops, no generator per record: this runs over every event of every sync page.
+    if NUL in rec.sender_id:
+        return True
+    for text in (rec.facebook_conversation_id, rec.sender_name, rec.last_message):
+        if text and NUL in text:
+            return True
+    for e in rec.events:
+        if (e.message_id and NUL in e.message_id) or (e.content and NUL in e.content):
+            return True
+    return False
+
+
+def _record_without_nul(rec: ConversationRecord) -> ConversationRecord:
+    events = [
+        msgspec.structs.replace(e, message_id=without_nul(e.message_id), content=without_nul(e.content))
+        if _event_has_nul(e)
+        else e
+        for e in rec.events
+    ]
+    return msgspec.structs.replace(
+        rec,
+        sender_id=rec.sender_id.replace(NUL, ""),
+        facebook_conversation_id=without_nul(rec.facebook_conversation_id),
+        sender_name=without_nul(rec.sender_name),
+        last_message=without_nul(rec.last_message),
+        events=events,
+    )
+
+
+def records_without_nul(records: Sequence[ConversationRecord]) -> Sequence[ConversationRecord]:
+    """The records with U+0000 removed from their text; the same sequence when none has any.
+
+    The callers' records are never changed: only those holding a U+0000 are copied.
+    """
+    if not any(_record_has_nul(rec) for rec in records):
+        return records
+    return [_record_without_nul(rec) if _record_has_nul(rec) else rec for rec in records]
 
 
 def _event_key(event: EventRecord) -> tuple[str, str | int]:
@@ -166,7 +246,8 @@ async def write_records(
     read first and only the rest inserted.
     """
     counts = WriteCounts()
-    merged = _merge_records(records)
+    # Before merging: ids that differ only by a U+0000 are the same contact, the same event.
+    merged = _merge_records(records_without_nul(records))
     if not merged:
         return counts
     existing = {} if expect_new else await select_conversations(conn, page_id, list(merged))
@@ -248,7 +329,7 @@ async def _insert_events(
             e.message_id,
             e.event_timestamp,
             e.content,
-            _json_encode(e.payload).decode(),
+            encode_payload(e.payload),
         )
         for cid, rec in targets
         for e in rec.events

@@ -1,13 +1,27 @@
-"""What the shared SQL needs from an engine (storage/sqlite.py, postgres.py), and its retry rule."""
+"""What the shared SQL needs from an engine (storage/sqlite.py, postgres.py), its retry rule, and
+what a database that cannot be reached looks like to the rest of the service.
+
+Every connection an engine hands out comes from `transaction()`, `reader()`, `autocommit()` or
+`migration_transaction()`; each engine classifies a failure there (`is_unavailable`: refused,
+reset, restarting, disk full, locked past the busy timeout...) and raises
+`core.errors.DatabaseUnavailable` instead, which the app answers 503 `database_unavailable`.
+Nothing is cached about the outage: the next request tries again, so the service recovers on
+its own when the database is back.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
+
+from core.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class Conn(Protocol):
@@ -52,8 +66,36 @@ class Engine(Protocol):
     def is_transient(self, exc: Exception) -> bool:
         """Whether a failed transaction may succeed if simply run again (e.g. a deadlock)."""
 
+    def is_unavailable(self, exc: BaseException) -> bool:
+        """Whether a failure means the database cannot be reached or cannot work right now."""
+
     async def close(self) -> None:
         """Close every connection."""
+
+
+class Availability:
+    """Turns an engine's outage failures into DatabaseUnavailable, logging the outage once.
+
+    A request during an outage fails fast with 503; the log says when the database went away
+    and when it came back, not once per request.
+    """
+
+    def __init__(self, engine_name: str) -> None:
+        self.engine_name = engine_name
+        self.down = False
+
+    def failed(self, exc: BaseException) -> DatabaseUnavailable:
+        """The error to raise for an outage failure `exc` (its message names no host or secret)."""
+        if not self.down:
+            self.down = True
+            log.warning("%s database unavailable: %s: %s", self.engine_name, type(exc).__name__, exc)
+        return DatabaseUnavailable("The database is unavailable; retry later")
+
+    def ok(self) -> None:
+        """A connection worked: log the recovery if there was an outage."""
+        if self.down:
+            self.down = False
+            log.warning("%s database reachable again", self.engine_name)
 
 
 # A write transaction that fails transiently (a deadlock on PostgreSQL) is run this many times.

@@ -4,20 +4,41 @@ Shared SQL runs as written (`now_ms()` is a function the first migration creates
 row sources are one JSON array of rows (`unnest()` over typed arrays where a column is
 binary), so a statement's text does not change with its number of rows and asyncpg's
 prepared statement cache keeps working.
+
+A server that cannot be reached (refused, reset, restarting, failed over to a read-only standby,
+out of connections or disk) raises DatabaseUnavailable from whichever connection hit it; the pool
+replaces dead connections on the next acquire, so nothing needs restarting when the server is back.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import asyncpg
 import msgspec
 
+from core.errors import DatabaseUnavailable
+from storage.engine import Availability
+
 # pg_advisory_xact_lock key that serializes migrations across processes.
 MIGRATION_LOCK_KEY = 0x6D73796E63  # "msync"
+# A connection attempt that hangs (a host gone without a word) is given up after this long, so a
+# request answers 503 in seconds instead of waiting on the kernel's TCP timeout.
+CONNECT_TIMEOUT_SECONDS = 5.0
+
+# What a server that went away, is restarting, or cannot take work right now raises.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable, DNS, TLS, and timeouts (TimeoutError is an OSError)
+    asyncpg.PostgresConnectionError,  # class 08: the connection failed or was lost mid-operation
+    asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
+    asyncpg.AdminShutdownError,  # 57P01: terminated by a restart or pg_terminate_backend
+    asyncpg.CrashShutdownError,  # 57P02: another backend crashed, the server is resetting
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory
+    asyncpg.ReadOnlySQLTransactionError,  # 25006: a write reached a standby after a failover
+)
 
 
 _json_encode = msgspec.json.Encoder().encode
@@ -34,6 +55,14 @@ def _rowcount(status: str) -> int:
     """asyncpg's command tag ("UPDATE 3", "INSERT 0 1") -> 3, 1."""
     last = status.rsplit(" ", 1)[-1]
     return int(last) if last.isdigit() else 0
+
+
+def _is_closed(conn: Any) -> bool:
+    """Whether a pooled connection has died (the pool detaches a connection that closes)."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:  # detached from its proxy: the pool took it back, closed
+        return True
 
 
 class PostgresConn:
@@ -78,18 +107,51 @@ class PostgresEngine:
         self.min_size = min_size
         self.max_size = max_size
         self._pool: asyncpg.Pool | None = None
+        self._availability = Availability(self.name)
 
     async def open(self) -> None:
         """Open the pool (fails fast if the server cannot be reached)."""
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=self.min_size, max_size=self.max_size, command_timeout=60
+            self.dsn,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            command_timeout=60,
+            timeout=CONNECT_TIMEOUT_SECONDS,
         )
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[PostgresConn]:
-        assert self._pool is not None, "engine not open"
-        async with self._pool.acquire() as conn, conn.transaction():
-            yield PostgresConn(conn)
+    async def _connection(self, transaction: bool) -> AsyncIterator[PostgresConn]:
+        """A pooled connection (in a transaction if asked); outage failures -> DatabaseUnavailable."""
+        pool = self._pool
+        if pool is None:  # closed: only a request outliving shutdown gets here
+            raise DatabaseUnavailable("The database connection is closed")
+        lost = False
+        try:
+            async with pool.acquire() as conn:
+                try:
+                    if transaction:
+                        async with conn.transaction():
+                            yield PostgresConn(conn)
+                    else:
+                        yield PostgresConn(conn)
+                except Exception:
+                    # Whatever asyncpg called it (a terminated session can surface as an
+                    # InternalClientError, or as "released back to the pool" once the pool has
+                    # taken back the dead connection), a failure on a connection that is now
+                    # closed is the server going away, not the statement.
+                    lost = _is_closed(conn)
+                    raise
+        except Exception as exc:
+            if not (lost or self.is_unavailable(exc)):
+                raise
+            # The other idle connections probably died with this one: have the pool replace them
+            # all on their next acquire instead of failing one request per dead connection.
+            await pool.expire_connections()
+            raise self._availability.failed(exc) from exc
+        self._availability.ok()
+
+    def transaction(self) -> AbstractAsyncContextManager[PostgresConn]:
+        return self._connection(transaction=True)
 
     @asynccontextmanager
     async def migration_transaction(self) -> AsyncIterator[PostgresConn]:
@@ -100,18 +162,20 @@ class PostgresEngine:
     def is_transient(self, exc: Exception) -> bool:
         return isinstance(exc, asyncpg.DeadlockDetectedError | asyncpg.SerializationError)
 
-    @asynccontextmanager
-    async def autocommit(self) -> AsyncIterator[PostgresConn]:
-        # Outside a transaction block every statement is its own transaction: one round trip.
-        assert self._pool is not None, "engine not open"
-        async with self._pool.acquire() as conn:
-            yield PostgresConn(conn)
+    def is_unavailable(self, exc: BaseException) -> bool:
+        if isinstance(exc, _UNAVAILABLE):
+            return True
+        # asyncpg's own words for a connection that is already gone, or a pool shutting down.
+        return isinstance(exc, asyncpg.InterfaceError) and (
+            "connection is closed" in str(exc) or "pool is clos" in str(exc)
+        )
 
-    @asynccontextmanager
-    async def reader(self) -> AsyncIterator[PostgresConn]:
-        assert self._pool is not None, "engine not open"
-        async with self._pool.acquire() as conn:
-            yield PostgresConn(conn)
+    def autocommit(self) -> AbstractAsyncContextManager[PostgresConn]:
+        # Outside a transaction block every statement is its own transaction: one round trip.
+        return self._connection(transaction=False)
+
+    def reader(self) -> AbstractAsyncContextManager[PostgresConn]:
+        return self._connection(transaction=False)
 
     async def close(self) -> None:
         if self._pool is not None:

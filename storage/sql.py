@@ -4,6 +4,8 @@ The SQL here is PostgreSQL-flavoured and portable: `$1` placeholders, `now_ms()`
 database's clock, `FOR UPDATE` where PostgreSQL needs a row lock. Each engine (sqlite.py,
 postgres.py) supplies connections that translate what it must, plus two helpers for bulk
 statements (`rows` and `any_of`), so no engine test appears outside the engines.
+Text from outside written here (Graph's cursors and error messages) loses its U+0000, as the
+conversations' text does in `storage/conversations.py` (SPEC semantics 11).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import msgspec
 
 from core.errors import LeaseLost
 from core.records import ConversationRecord
+from storage.activity import ActivityStorage
 from storage.base import (
     Lease,
     Page,
@@ -24,7 +27,13 @@ from storage.base import (
     SyncState,
     WriteCounts,
 )
-from storage.conversations import CONVERSATION_COLUMNS, CONVERSATION_COLUMNS_C, MUTABLE, write_records
+from storage.conversations import (
+    CONVERSATION_COLUMNS,
+    CONVERSATION_COLUMNS_C,
+    MUTABLE,
+    without_nul,
+    write_records,
+)
 from storage.engine import Conn, Engine, retry_transient
 from storage.inbox import InboxStorage
 
@@ -102,7 +111,7 @@ def _event_json(row: Any) -> dict[str, Any]:
     }
 
 
-class SQLStorage(InboxStorage):
+class SQLStorage(InboxStorage, ActivityStorage):
     """`storage.base.Storage` over an engine."""
 
     def __init__(self, engine: Engine) -> None:
@@ -313,11 +322,12 @@ class SQLStorage(InboxStorage):
             "completed_at = CASE WHEN $5 THEN now_ms() ELSE completed_at END "
             "WHERE page_id = $1 RETURNING *",
             lease.page_id,
-            progress.last_cursor,
+            # Graph's cursors and error messages are text from outside: no U+0000 (semantics 11).
+            without_nul(progress.last_cursor),
             progress.synced,
             progress.session_watermark,
             progress.is_complete,
-            progress.last_error,
+            without_nul(progress.last_error),
         )
         if row is None:
             raise LeaseLost("The sync session is gone; start a new one")
@@ -365,7 +375,7 @@ class SQLStorage(InboxStorage):
                 "updated_at = now_ms() WHERE id = $1 AND version = $2",
                 conversation_id,
                 expected_version,
-                *changes.values(),
+                *(without_nul(v) if isinstance(v, str) else v for v in changes.values()),
             )
         return n == 1
 

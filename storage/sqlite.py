@@ -5,6 +5,12 @@ asyncio lock (so writers queue in the process, and other processes wait on the b
 timeout); a few reader connections beside it. Shared SQL is translated here: `$n` becomes
 `?n`, `now_ms()` becomes the julianday('now') expression, and `FOR UPDATE` is dropped
 (the single writer already serializes every write).
+
+An SQLite file does not go away the way a server does: the connections stay open (a deleted file
+lives on until they close). What makes it unusable at run time is the disk or the lock: a full disk
+or a failing, unmounted or read-only volume, or another process holding the write lock past the
+busy timeout. Those raise DatabaseUnavailable (503); reads of a readable file keep working, and the
+next transaction simply tries again, so the service recovers when the disk does.
 """
 
 from __future__ import annotations
@@ -20,9 +26,27 @@ from typing import Any
 
 import aiosqlite
 
+from core.errors import DatabaseUnavailable
+from storage.engine import Availability
+
 NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 BUSY_TIMEOUT_MS = 30_000
 READERS = 2
+
+# Primary result codes (the low byte of sqlite_errorcode) that mean the file cannot be used right
+# now, not that the statement is wrong: busy/locked past the timeout, a read-only file or volume,
+# an I/O error, a full disk, a file that cannot be opened, a lock protocol failure.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
 
 _PARAM = re.compile(r"\$(\d+)")
 _FOR_UPDATE = re.compile(r"\s+FOR UPDATE(\s+SKIP LOCKED)?")
@@ -119,9 +143,13 @@ class SQLiteEngine:
 
     name = "sqlite"
 
-    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    ) -> None:
         self.path = path
         self.synchronous = synchronous
+        self.busy_timeout_ms = busy_timeout_ms
+        self._availability = Availability(self.name)
         self._writer: aiosqlite.Connection | None = None
         self._inline: sqlite3.Connection | None = None
         self._write_lock = asyncio.Lock()
@@ -132,7 +160,7 @@ class SQLiteEngine:
         db = await aiosqlite.connect(self.path, isolation_level=None)
         db.row_factory = sqlite3.Row
         self._all.append(db)
-        await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await db.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
         await db.execute("PRAGMA foreign_keys = ON")
         if writer:
             await db.execute("PRAGMA journal_mode = WAL")
@@ -153,37 +181,73 @@ class SQLiteEngine:
         for _ in range(READERS):
             self._readers.put_nowait(await self._connect(writer=False))
 
+    def _open_writer(self) -> aiosqlite.Connection:
+        if self._writer is None:  # closed: only a request outliving shutdown gets here
+            raise DatabaseUnavailable("The database connection is closed")
+        return self._writer
+
+    def _unavailable(self, exc: Exception) -> Exception:
+        """`exc`, or DatabaseUnavailable in its place when it is an outage failure."""
+        return self._availability.failed(exc) if self.is_unavailable(exc) else exc
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SQLiteConn]:
-        assert self._writer is not None, "engine not open"
+        writer = self._open_writer()
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
-                yield SQLiteConn(self._writer)
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            else:
-                await self._writer.execute("COMMIT")
+                await writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield SQLiteConn(writer)
+                    await writer.execute("COMMIT")
+                except BaseException:
+                    # Also after a failed COMMIT (a full disk, say): a writer left inside a
+                    # transaction would refuse every BEGIN after it, and never recover.
+                    await _rollback(writer)
+                    raise
+            except Exception as exc:
+                error = self._unavailable(exc)
+                if error is exc:
+                    raise
+                raise error from exc
+        self._availability.ok()
 
     # BEGIN IMMEDIATE already excludes every other writer, other processes included.
     migration_transaction = transaction
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[SQLiteConn]:
-        assert self._writer is not None and self._inline is not None, "engine not open"
+        writer = self._open_writer()
+        assert self._inline is not None, "engine not open"
         async with self._write_lock:
-            yield InlineConn(self._inline, self._writer)
+            try:
+                yield InlineConn(self._inline, writer)
+            except Exception as exc:
+                error = self._unavailable(exc)
+                if error is exc:
+                    raise
+                raise error from exc
+        self._availability.ok()
 
     def is_transient(self, exc: Exception) -> bool:
         # One writer and a busy timeout: no deadlocks to retry.
         return False
 
+    def is_unavailable(self, exc: BaseException) -> bool:
+        if isinstance(exc, sqlite3.Error):
+            return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _UNAVAILABLE_CODES
+        return isinstance(exc, OSError)
+
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[SQLiteConn]:
+        self._open_writer()
         db = await self._readers.get()
         try:
             yield SQLiteConn(db)
+        except Exception as exc:
+            error = self._unavailable(exc)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             self._readers.put_nowait(db)
 
@@ -195,3 +259,12 @@ class SQLiteEngine:
             await db.close()
         self._all.clear()
         self._writer = None
+
+
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """End the connection's transaction if one is still open (SQLite ends some itself on error)."""
+    if db.in_transaction:
+        try:
+            await db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the original failure is what the caller needs to see

@@ -102,7 +102,9 @@ async def _sync_until_done(
             print(f"error: {exc.message} [graph_auth]", file=sys.stderr)
             return 1
         except ServiceError as exc:
-            print(f"error: {exc.message} [{exc.code}]", file=sys.stderr)
+            retry = exc.extra.get("retryAfter")
+            hint = f"; try again in {retry} s" if retry is not None else ""
+            print(f"error: {exc.message} [{exc.code}]{hint}", file=sys.stderr)
             return 1
         rounds += 1
         for key in totals:

@@ -8,24 +8,31 @@
       stop when: the last page is written, or the watermark is reached (incremental)   -> complete
                  the time budget would run out before another page                     -> hasMore
                  Graph fails past retries (cursor and last_error saved)                 -> 502
+                 Graph's paging gives no way forward                                    -> 502
                  the lease was taken over                                               -> 409 lease_lost
-      release the lock on every path, cancellation included
+                 the engine is closed (shutdown)                                        -> 503
+      release the lock on every path, cancellation included (sync/lease.py)
 
-The first page of a request is always awaited, so every request makes progress however small
-its budget; later pages are cut off at the budget and fetched again by the next request.
-``sync_command.py`` runs the same sync from a terminal (``python app.py sync PAGE_ID``).
+No Graph call holds a request past its budget: a later page that has not answered by the end
+of the budget is abandoned (hasMore; the next request fetches it again), and the first page,
+which is awaited a little longer so that every request makes progress however small its
+budget, is abandoned ``ABANDON_GRACE_SECONDS`` after it (502 graph_unavailable: no page was
+written). ``sync/command.py`` runs the same sync from a terminal (``python app.py sync PAGE_ID``).
+
+Sessions (SPEC, POST /api/conversations/sync): ``resumeSession`` continues that session
+whatever ``mode`` says; without it, an explicit ``mode`` starts a new session of that mode,
+and no ``mode`` continues an unfinished session or starts one (incremental once a sync has
+completed, else full).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +41,12 @@ from core.errors import (
     GraphAuthError,
     GraphCursorRejected,
     GraphError,
+    GraphUnavailable,
     InvalidResumeSession,
     LeaseLost,
     NotFound,
     ServiceError,
-    SyncInProgress,
+    ServiceUnavailable,
 )
 from core.metrics import Metrics
 from core.records import ConversationRecord
@@ -48,11 +56,18 @@ from storage import Storage
 from storage.base import Lease, Page, SyncProgress, SyncState, WriteCounts
 from sync.graph_client import ConversationsPage, GraphClient
 from sync.graph_records import conversation_to_record
+from sync.lease import LeaseKeeper, Leases, discard
 
 log = logging.getLogger(__name__)
 
 TOKEN_INVALID = "Facebook refused the page's access token (code 190); register a new one with POST /api/pages"
 MAX_CURSOR_RESTARTS = 1  # per request: a cursor Graph rejects restarts the walk from the top once
+# The first page may answer this long after the budget; then it is abandoned. Under a second,
+# so that saving the error and releasing the lock still end within a second of the budget.
+ABANDON_GRACE_SECONDS = 0.9
+CLOSE_TIMEOUT_SECONDS = 5.0  # aclose() waits this long at most for the syncs to let go of their locks
+GRAPH_TOO_SLOW = "Graph did not answer within the sync's time budget; nothing was written, try again"
+SHUTTING_DOWN = "The service is shutting down; the sync stopped at its last saved page, try again shortly"
 _DATA_INDEX = re.compile(r"^\$\.data\[(\d+)\]")
 
 ProgressCallback = Callable[[int], None]  # conversations synced so far by this request
@@ -71,53 +86,6 @@ class _Run:
     has_more: bool = False
 
 
-class _LeaseKeeper:
-    """Extends the lease every third of its TTL while the sync runs; notices a takeover."""
-
-    def __init__(self, storage: Storage, lease: Lease, ttl: float) -> None:
-        self._storage, self._lease, self._ttl = storage, lease, ttl
-        self.lost = False
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(max(0.05, self._ttl / 3))
-            try:
-                extended = await self._storage.extend_sync_lock(self._lease, self._ttl)
-            except Exception:  # a database hiccup: try again next beat, the lease has time left
-                log.warning("could not extend the sync lock of page %s", self._lease.page_id, exc_info=True)
-                continue
-            if extended is None:
-                self.lost = True
-                return
-
-    def check(self) -> None:
-        """Raise LeaseLost if a beat found the lease taken over."""
-        if self.lost:
-            raise LeaseLost("The sync lock was taken over by another sync; this one stopped")
-
-    async def stop(self) -> None:
-        """Stop beating."""
-        await _discard(self._task)
-
-
-async def _discard(task: asyncio.Task[Any]) -> None:
-    """Cancel a task and wait for it, swallowing its outcome (but not our own cancellation)."""
-    if task.done():
-        if not task.cancelled():
-            task.exception()  # mark it retrieved
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-    except Exception:  # the task's own failure no longer matters
-        pass
-
-
 def _source_indexes(page: ConversationsPage) -> list[int]:
     """The `$.data[i]` index of each valid record (the skipped ones are not in `records`)."""
     bad = {int(m.group(1)) for path, _ in page.skipped if (m := _DATA_INDEX.match(path))}
@@ -131,7 +99,12 @@ def _source_indexes(page: ConversationsPage) -> list[int]:
 
 
 class SyncEngine:
-    """Runs syncs for the API and the CLI. ``clock`` must be the GraphClient's clock (deadlines)."""
+    """Runs syncs for the API and the CLI. ``clock`` must be the GraphClient's clock (deadlines).
+
+    ``alarm(seconds)`` waits that many seconds of ``clock``'s time (``asyncio.sleep`` for the
+    real clock); it is what abandons a Graph call at the end of the budget, and tests that
+    drive a fake clock pass one that fires when the fake time passes.
+    """
 
     def __init__(
         self,
@@ -141,18 +114,62 @@ class SyncEngine:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
+        alarm: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self._storage = storage
         self._graph = graph
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
-        self._instance = f"{socket.gethostname()}:{os.getpid()}"
+        self._alarm = alarm
+        self._leases = Leases(storage, settings.sync_lock_ttl_seconds)
+        self._running: set[asyncio.Task[dict[str, Any]]] = set()
+        self._closed = False
 
     async def sync(
         self, user_id: str, request: SyncRequest, *, on_page: ProgressCallback | None = None
     ) -> dict[str, Any]:
-        """Run (or continue) the page's sync within the time budget; the SPEC's response body."""
+        """Run (or continue) the page's sync within the time budget; the SPEC's response body.
+
+        After ``aclose`` (or when it stops this sync) raises ServiceUnavailable (503).
+        """
+        if self._closed:
+            raise ServiceUnavailable(SHUTTING_DOWN)
+        # Its own task, so that aclose() can stop it without cancelling the caller (which still
+        # answers, with a 503); cancelling the caller cancels it too.
+        task = asyncio.create_task(self._sync(user_id, request, on_page))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._closed and task.cancelled() and not (current is not None and current.cancelling()):
+                self._metrics.sync_runs.labels(ServiceUnavailable.code).inc()
+                raise ServiceUnavailable(SHUTTING_DOWN) from None
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the syncs this engine runs and wait (a few seconds at most) until their locks are released.
+
+        For the shutdown, before storage closes: a sync killed with the process would keep its
+        page locked for the lock's whole TTL. Syncs asked for afterwards answer 503.
+        """
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        until = loop.time() + CLOSE_TIMEOUT_SECONDS
+        running = set(self._running)
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=CLOSE_TIMEOUT_SECONDS)
+        released = await self._leases.wait_released(max(0.0, until - loop.time()))
+        if self._running or not released:
+            log.warning("shutdown: a sync did not let go of its lock in time; it expires with its lease")
+
+    async def _sync(
+        self, user_id: str, request: SyncRequest, on_page: ProgressCallback | None
+    ) -> dict[str, Any]:
         started = self._clock()
         try:
             page = await self._storage.get_page(user_id, request.page_id)
@@ -195,8 +212,8 @@ class SyncEngine:
         deadline: float,
         on_page: ProgressCallback | None,
     ) -> _Run:
-        lease = await self._acquire(page.id)
-        keeper = _LeaseKeeper(self._storage, lease, self._settings.sync_lock_ttl_seconds)
+        lease = await self._leases.acquire(page.id)
+        keeper = self._leases.keep(lease)
         try:
             state = await self._open_session(lease, user_id, request)
             run = _Run(state.sync_session_id, state.last_cursor, state.session_watermark)
@@ -208,41 +225,31 @@ class SyncEngine:
                 raise
             return run
         finally:
-            # Shielded: a cancelled request still lets go of its lock.
-            await asyncio.shield(self._let_go(keeper, lease))
-
-    async def _acquire(self, page_id: str) -> Lease:
-        locked_by = f"{self._instance}:{uuid.uuid4().hex[:8]}"
-        for _ in range(3):  # the holder may let go between our two statements
-            lease = await self._storage.acquire_sync_lock(
-                page_id, locked_by, self._settings.sync_lock_ttl_seconds
-            )
-            if lease is not None:
-                return lease
-            holder = await self._storage.current_lock(page_id)
-            if holder is not None:
-                raise SyncInProgress("Sync already in progress", expiresAt=holder.expires_at)
-        raise SyncInProgress("Sync already in progress", expiresAt=None)
-
-    async def _let_go(self, keeper: _LeaseKeeper, lease: Lease) -> None:
-        await keeper.stop()
-        try:
-            await self._storage.release_sync_lock(lease)
-        except Exception:  # it expires on its own; never hide the sync's own outcome
-            log.exception("could not release the sync lock of page %s", lease.page_id)
+            await self._leases.let_go(keeper, lease)  # completes even when this sync is cancelled
 
     async def _open_session(self, lease: Lease, user_id: str, request: SyncRequest) -> SyncState:
         state = await self._storage.get_sync_state(lease.page_id)
-        if request.resume_session is not None:
+        if request.resume_session is not None:  # that session, whatever `mode` says
             if state is None or state.sync_session_id != request.resume_session or state.is_complete:
                 raise InvalidResumeSession("resumeSession is unknown or already complete")
             return state
-        if state is not None and not state.is_complete:
-            return state  # an unfinished session is continued
+        if request.mode is None and state is not None and not state.is_complete:
+            return state  # an unfinished session is continued; an explicit mode starts a new one
         mode = request.mode or (
             "incremental" if state is not None and state.watermark is not None else "full"
         )
         return await self._storage.start_sync_session(lease, user_id, str(uuid.uuid4()), mode)
+
+    async def _answered(self, fetch: asyncio.Task[ConversationsPage], until: float) -> bool:
+        """Wait for a fetch until the clock reads `until`; whether it answered by then."""
+        if fetch.done():
+            return True
+        alarm = asyncio.ensure_future(self._alarm(max(0.0, until - self._clock())))
+        try:
+            await asyncio.wait({fetch, alarm}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await discard(alarm)
+        return fetch.done()
 
     def _fetch(
         self, page: Page, cursor: str | None, limit: int, deadline: float
@@ -264,7 +271,7 @@ class SyncEngine:
         self,
         page: Page,
         lease: Lease,
-        keeper: _LeaseKeeper,
+        keeper: LeaseKeeper,
         run: _Run,
         watermark: int | None,
         deadline: float,
@@ -277,11 +284,12 @@ class SyncEngine:
         fetch: asyncio.Task[ConversationsPage] | None = self._fetch(page, run.cursor, limit, deadline)
         try:
             while fetch is not None:
-                if not first and not fetch.done():
-                    await asyncio.wait({fetch}, timeout=max(0.0, deadline - self._clock()))
-                    if not fetch.done():  # the budget ran out while Graph answered
-                        run.has_more = True
-                        return
+                if not await self._answered(fetch, deadline + ABANDON_GRACE_SECONDS if first else deadline):
+                    self._metrics.graph_requests.labels("abandoned").inc()
+                    if first:  # nothing written: the caller learns that Graph hangs
+                        raise GraphUnavailable(GRAPH_TOO_SLOW)
+                    run.has_more = True  # the next request fetches this page again
+                    return
                 try:
                     result = await fetch
                 except GraphCursorRejected:
@@ -297,6 +305,9 @@ class SyncEngine:
                 first = False
                 limit = result.limit_used  # stays reduced after "reduce the amount of data"
                 records, skipped, newest, reached = self._records(page, result, watermark)
+                if result.paging_problem is not None and not reached:
+                    # Going on would skip the rest of the page; calling it complete would hide that.
+                    raise GraphUnavailable(result.paging_problem)
                 if newest is not None:
                     run.session_watermark = max(newest, run.session_watermark or newest)
                 next_cursor = None if reached else result.next_cursor
@@ -325,7 +336,7 @@ class SyncEngine:
                     return
         finally:
             if fetch is not None:
-                await _discard(fetch)
+                await discard(fetch)
 
     def _records(
         self, page: Page, result: ConversationsPage, watermark: int | None

@@ -20,12 +20,12 @@ from starlette.testclient import TestClient
 from app import create_app
 from core.settings import Settings
 from storage import Storage, open_storage
-from tests.helpers import ENGINES, GRAPH_URL, PG_URL, graph_transport, make_settings
+from tests.helpers import ENGINES, GRAPH_URL, PG_URL, GraphMe, graph_transport, make_settings
 
 
-@pytest.fixture(params=ENGINES)
+@pytest.fixture(params=[pytest.param(e, marks=getattr(pytest.mark, e)) for e in ENGINES])
 def engine(request: pytest.FixtureRequest) -> str:
-    """The engine under test: every test using a database runs on each."""
+    """The engine under test: every test using a database runs on each (`-m sqlite`, `-m postgres`)."""
     if request.param == "sqlite" and request.node.get_closest_marker("postgres_only"):
         pytest.skip("PostgreSQL only")
     return str(request.param)
@@ -63,9 +63,6 @@ async def storage(db_url: str) -> AsyncIterator[Storage]:
         await store.close()
 
 
-
-
-
 @pytest.fixture
 def settings(db_url: str) -> Settings:
     """Test settings on the engine under test."""
@@ -73,13 +70,21 @@ def settings(db_url: str) -> Settings:
 
 
 @pytest.fixture
-def graph() -> Iterator[respx.MockRouter]:
-    """A respx router standing in for the Graph API (only reached through the app's client)."""
+def graph_me() -> GraphMe:
+    """The Graph stand-in's /me: the Page (or user) each access token belongs to."""
+    return GraphMe()
+
+
+@pytest.fixture
+def graph(graph_me: GraphMe) -> Iterator[respx.MockRouter]:
+    """A respx router standing in for the Graph API (only reached through the app's client).
+
+    It serves /me from `graph_me`, so every page registered through the API in the tests has its
+    token verified, as in production; tests add the other routes they need.
+    """
     with respx.MockRouter(base_url=GRAPH_URL, assert_all_called=False) as router:
+        graph_me.install(router)
         yield router
-
-
-
 
 
 @pytest.fixture
@@ -102,8 +107,3 @@ def wclient(quiet_settings: Settings, graph: respx.MockRouter) -> Iterator[TestC
     app = create_app(quiet_settings, graph_transport=graph_transport(graph))
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
-
-
-
-
-

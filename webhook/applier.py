@@ -9,26 +9,38 @@ pending at a crash, are picked up), then drains the inbox in batches:
     a batch that raises -> its rows again one by one; a row that still fails is
         marked 'failed' with the error (``python app.py replay-webhooks`` retries it)
 
-Parsing errors are not failures: a body the schema rejects is marked ``invalid`` inside
-the batch. Items of an unknown kind are counted (metric ``webhook_unknown_items``).
+Reading happens here, not in the request (the webhook acknowledges every signed body once
+stored). Reading errors are not failures: a body that does not parse or is not shaped like a
+webhook body is marked ``invalid`` with msgspec's reason and JSON path; an item that cannot be
+read is skipped and recorded in the row's ``error`` while the rest is applied. Statuses:
+
+    applied   the body is for a registered page: its readable items written (possibly none,
+              when all are of kinds not stored); skipped items, if any, listed in ``error``
+    ignored   no registered page (a page nobody registered, another object, a dashboard ping)
+    invalid   the body itself is unreadable (``error`` says why and where)
+    failed    the write raised, alone and past retries (``error``)
+
+Counted in /metrics: rows by status (``webhook_inbox_rows``), items of an unknown kind
+(``webhook_unknown_items``), items skipped (``webhook_skipped_items``). ``replay-webhooks``
+applies failed and invalid rows again, and applied rows that skipped items.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.metrics import Metrics
-from core.records import ConversationRecord
 from core.settings import Settings
 from storage import Storage, open_storage
-from storage.base import ApplyReport, WriteCounts
-from webhook.parse import decode_webhook, webhook_records
+from storage.base import ApplyReport, ParsedInboxBody, WriteCounts
+from webhook.parse import InvalidWebhook, read_webhook
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,10 @@ ERROR_BACKOFF_SECONDS = 0.5
 PENDING_GAUGE_SECONDS = 5.0
 # While the intake is saturated, look again this often whether it still is.
 YIELD_CHECK_SECONDS = 0.05
+# A row's error (and its log line) names at most this many skipped items (a body may hold thousands).
+MAX_REASONS = 20
+# Statuses `replay-webhooks` sets back to pending (with applied rows that skipped items).
+REPLAY_STATUSES = ("failed", "invalid")
 
 
 @dataclass
@@ -54,6 +70,7 @@ class DrainSummary:
     invalid: int = 0
     failed: int = 0
     unknown_items: int = 0
+    skipped_items: int = 0
     counts: WriteCounts = field(default_factory=WriteCounts)
 
     def add(self, report: ApplyReport) -> None:
@@ -67,15 +84,34 @@ class DrainSummary:
 
 
 class _Parser:
-    """The parse function for one batch; counts unknown items (kept only if the batch commits)."""
+    """The parse function for one batch; counts items (kept only if the batch commits)."""
 
     def __init__(self) -> None:
         self.unknown = 0
+        self.skipped = 0
 
-    def __call__(self, body: bytes) -> Sequence[tuple[str, ConversationRecord]]:
-        parsed = webhook_records(decode_webhook(body))
+    def __call__(self, body: bytes) -> ParsedInboxBody:
+        try:
+            parsed = read_webhook(body)
+        except InvalidWebhook as exc:
+            log.warning("webhook body %s is invalid: %s", _digest(body), exc)
+            raise
+        except Exception as exc:  # a defect of ours: the row stays replayable once it is fixed
+            log.exception("webhook body %s could not be read", _digest(body))
+            raise InvalidWebhook(f"Unreadable webhook body ({type(exc).__name__}: {exc})") from exc
         self.unknown += parsed.unknown
-        return parsed.items
+        error = None
+        if parsed.skipped:
+            self.skipped += len(parsed.skipped)
+            reasons = parsed.skipped[:MAX_REASONS] + (["..."] if len(parsed.skipped) > MAX_REASONS else [])
+            error = f"{len(parsed.skipped)} item(s) skipped: " + "; ".join(reasons)
+            log.warning("webhook body %s: %s", _digest(body), error)
+        return ParsedInboxBody(items=parsed.items, pages=parsed.pages, unsent=parsed.unsent, error=error)
+
+
+def _digest(body: bytes) -> str:
+    """A short name for a body in the log (its row's body_sha256 starts so), never its content."""
+    return hashlib.sha256(body).hexdigest()[:12]
 
 
 class Applier:
@@ -213,8 +249,11 @@ class Applier:
             return
         summary.add(report)
         summary.unknown_items += parser.unknown
+        summary.skipped_items += parser.skipped
         if parser.unknown:
             self.metrics.webhook_unknown_items.inc(parser.unknown)
+        if parser.skipped:
+            self.metrics.webhook_skipped_items.inc(parser.skipped)
         applied = self.metrics.webhook_applied
         for status in ("applied", "ignored", "invalid"):
             n = getattr(report, status)
@@ -233,14 +272,17 @@ class Applier:
 
 
 async def run_replay_command(settings: Settings) -> int:
-    """``python app.py replay-webhooks``: failed and invalid rows back to pending, then drain.
+    """``python app.py replay-webhooks``: failed, invalid and item-skipping rows again, then drain.
 
-    Prints what happened; exits 1 if some rows failed again, else 0.
+    Failed and invalid rows, and applied rows that recorded skipped items, go back to pending
+    (applying is idempotent: what was written stays once), and the inbox is drained. Prints
+    what happened; exits 1 if some rows failed again, else 0 (rows still invalid after a
+    replay wait for the next one: the body is kept).
     """
     storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     try:
         await storage.migrate()
-        requeued = await storage.requeue_webhooks(["failed", "invalid"])
+        requeued = await storage.requeue_webhooks(list(REPLAY_STATUSES), with_skipped_items=True)
         summary = await Applier(storage, settings, Metrics()).drain()
         counts = await storage.webhook_status_counts()
     finally:
@@ -248,7 +290,8 @@ async def run_replay_command(settings: Settings) -> int:
     print(f"requeued: {requeued}")
     print(
         f"applied: {summary.applied}, ignored: {summary.ignored}, invalid: {summary.invalid}, "
-        f"failed: {summary.failed}, events inserted: {summary.counts.events_inserted}"
+        f"failed: {summary.failed}, events inserted: {summary.counts.events_inserted}, "
+        f"items skipped: {summary.skipped_items}"
     )
     print("inbox: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "empty"))
     return 1 if summary.failed else 0

@@ -10,7 +10,9 @@ gathers what the requests hand it and commits them together:
        └──── future resolved ◀───────── (storage.record_webhook_batch), then on_commit()
 
 A request answers 200 only after its future resolved, i.e. after its batch committed; a
-failed commit fails every future in the batch (the route answers 503 so Meta retries).
+failed commit fails every future in the batch with ``DatabaseUnavailable`` (the route answers
+503 ``database_unavailable`` so Meta retries). Bodies are stored as they came, unread: the
+applier reads them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from core.errors import ServiceUnavailable
+from core.errors import DatabaseUnavailable, ServiceUnavailable
 from core.metrics import Metrics
 from core.settings import Settings
 from storage import Storage
@@ -169,7 +171,7 @@ class InboxWriter:
             await self.storage.record_webhook_batch(unique)
         except Exception as exc:  # the database is down or refused: every request gets 503
             log.warning("inbox commit of %d bodies failed: %s", len(unique), exc)
-            error = ServiceUnavailable("Webhook inbox unavailable; retry later")
+            error = DatabaseUnavailable("Webhook inbox unavailable; retry later")
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ GRAPH_URL = "https://graph.test/v25.0"
 APP_SECRET = "test-app-secret"
 VERIFY_TOKEN = "test-verify-token"
 KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789"}
+DEFAULT_PAGE = "104325188712345"  # the test Page: a token that names no Page belongs to it
 
 
 def auth_headers(user: str = "alice") -> dict[str, str]:
@@ -75,15 +77,96 @@ async def running_app(
             yield http
 
 
-def register_page(
-    client: TestClient, user: str = "alice", fb_page_id: str = "104325188712345"
-) -> dict[str, Any]:
-    """Register a page for a user through the API; returns the response body."""
+def page_token(fb_page_id: str = DEFAULT_PAGE, user: str = "alice") -> str:
+    """A Page access token of `fb_page_id` (one per user): the `graph` fixture's /me answers that Page."""
+    return f"EAAB-{fb_page_id}-{user}"
+
+
+MeOverride = httpx.Response | Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+class GraphMe:
+    """The Graph stand-in's ``GET /me?fields=id,name``: whose token is this?
+
+    Like Graph, it answers the id (and name) of whoever the token was issued for, read from the
+    Authorization header:
+
+    * a token in ``tokens`` answers its entry (``add_page``, ``add_user``);
+    * ``EAAB-<pageId>-...`` (what ``page_token`` makes) is a token of Page <pageId>;
+    * any other ``EAAB...`` token is one of the test Page, ``DEFAULT_PAGE``;
+    * anything else, or no token, is refused as Graph does: 400, code 190.
+
+    ``answer`` replaces all of that with one response (or an async function of the request), for
+    the tests of Graph's failures. Every request is kept in ``requests``.
+    """
+
+    _PAGE_TOKEN = re.compile(r"EAAB-(\d+)-")
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self.requests: list[httpx.Request] = []
+        self.answer: MeOverride | None = None
+
+    def add_page(self, token: str, fb_page_id: str, name: str | None = None) -> None:
+        """Make `token` a Page access token of `fb_page_id`."""
+        self.tokens[token] = {"id": fb_page_id, "name": name or f"Page {fb_page_id}"}
+
+    def add_user(self, token: str, user_id: str = "10228765432109876", name: str = "Some User") -> None:
+        """Make `token` a user access token: /me answers the user, not a Page."""
+        self.tokens[token] = {"id": user_id, "name": name}
+
+    def owner(self, token: str) -> dict[str, Any] | None:
+        """What /me answers for `token`, or None for a token Graph does not know."""
+        if token in self.tokens:
+            return self.tokens[token]
+        match = self._PAGE_TOKEN.match(token)
+        if match is not None:
+            return {"id": match.group(1), "name": f"Page {match.group(1)}"}
+        if token.startswith("EAAB"):
+            return {"id": DEFAULT_PAGE, "name": "Test Page"}
+        return None
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.answer is not None:
+            if isinstance(self.answer, httpx.Response):
+                return httpx.Response(
+                    self.answer.status_code, content=self.answer.content, headers=self.answer.headers
+                )
+            return await self.answer(request)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        owner = self.owner(token) if scheme == "Bearer" else None
+        if owner is None:
+            error = {
+                "message": "Invalid OAuth access token - Cannot parse access token",
+                "type": "OAuthException",
+                "code": 190,
+                "fbtrace_id": "AStandInTrace",
+            }
+            return httpx.Response(400, json={"error": error})
+        fields = request.url.params.get("fields", "id,name").split(",")  # Graph's default for /me
+        return httpx.Response(200, json={k: v for k, v in owner.items() if k in fields})
+
+    def install(self, router: respx.MockRouter) -> respx.Route:
+        """Serve GET /me on a respx router whose base_url is the Graph API's."""
+        return router.get("/me").mock(side_effect=self)
+
+
+def graph_router(me: GraphMe | None = None) -> respx.MockRouter:
+    """A respx router standing in for Graph (serving /me from `me`), reached only through the
+    transport `graph_transport` makes: it does not patch httpx, so a test's own client can still
+    reach a real server (the `graph` fixture's router patches every httpx client while it runs)."""
+    router = respx.MockRouter(base_url=GRAPH_URL, assert_all_called=False)
+    (me or GraphMe()).install(router)
+    return router
+
+
+def register_page(client: TestClient, user: str = "alice", fb_page_id: str = DEFAULT_PAGE) -> dict[str, Any]:
+    """Register a page for a user through the API (its token verified by the `graph` fixture's /me)."""
     response = client.post(
         "/api/pages",
-        json={"facebookPageId": fb_page_id, "accessToken": f"EAAB-token-{user}", "name": "Test Page"},
+        json={"facebookPageId": fb_page_id, "accessToken": page_token(fb_page_id, user), "name": "Test Page"},
         headers=auth_headers(user),
     )
     assert response.status_code in (200, 201), response.text
     return dict(response.json())
-

@@ -102,18 +102,46 @@ class FakeGraph:
 
 
 class FakeTime:
-    """A monotonic clock that moves only when told or slept (shared by an engine and its client)."""
+    """A monotonic clock that moves only when told or slept (shared by an engine and its client).
+
+    ``sleep`` moves the clock (a backoff that passes at once); ``alarm`` waits, without moving
+    it, until the clock has moved on that far: the engine's budget timer, fired by a test
+    that sets ``now`` (or by a client's ``sleep``).
+    """
 
     def __init__(self) -> None:
-        self.now = 1000.0
+        self._now = 1000.0
         self.sleeps: list[float] = []
+        self._alarms: list[tuple[float, asyncio.Future[None]]] = []
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self._now = value
+        due = [fut for when, fut in self._alarms if when <= value]
+        self._alarms = [(when, fut) for when, fut in self._alarms if when > value]
+        for fut in due:
+            if not fut.done():
+                fut.set_result(None)
 
     def clock(self) -> float:
-        return self.now
+        return self._now
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.now += seconds
+
+    def alarm(self, seconds: float) -> asyncio.Future[None]:
+        """A future done once the clock reads `seconds` past now (its time is fixed at the call)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if seconds <= 0:
+            fut.set_result(None)
+        else:
+            self._alarms.append((self._now + seconds, fut))
+        return fut
 
 
 async def query(storage: Storage, sql: str, *args: Any) -> list[Any]:

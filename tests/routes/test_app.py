@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -90,6 +91,55 @@ def test_bad_query_parameters(client: TestClient) -> None:
         assert response.status_code == 400, query
     assert client.get("/api/conversations", headers=auth_headers()).status_code == 400
     assert client.get("/api/conversations/abc/events", headers=auth_headers()).status_code == 404
+
+
+def _cursor(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def test_hostile_ids_cursors_and_bodies_are_4xx(client: TestClient) -> None:
+    """Each of these once answered 500 (some on PostgreSQL only)."""
+    page = register_page(client)
+    conversations = f"/api/conversations?pageId={page['pageId']}"
+    bad = [
+        # Cursors whose integers do not fit the database's 64 bits, or nest without end.
+        (f"{conversations}&cursor={_cursor(b'[18446744073709551616, 1]')}", 400),
+        (f"{conversations}&cursor={_cursor(b'[1, -9223372036854775809]')}", 400),
+        (f"/api/conversations/1/events?cursor={_cursor(b'[' * 5_000)}", 400),
+        # Digits that are not ASCII: "١٢".isdigit() and "²".isdigit() are both true.
+        ("/api/conversations/%D9%A1%D9%A2/events", 404),
+        ("/api/conversations/%C2%B2/events", 404),
+        ("/api/conversations/99999999999999999999/events", 404),
+        (f"{conversations}&limit=%D9%A1%D9%A2", 400),
+        (f"/api/events/stream?pageId={page['pageId']}&lastEventId=%C2%B2", 400),
+        (f"/api/events/stream?pageId={page['pageId']}&lastEventId=%D9%A1%D9%A2", 400),
+        # U+0000 in an id (PostgreSQL text cannot hold it): refused, never looked up.
+        ("/api/conversations?pageId=%00", 400),
+        (f"/api/conversations?pageId={page['pageId']}%00", 400),
+        ("/api/events/stream?pageId=a%00b", 400),
+    ]
+    for url, status in bad:
+        response = client.get(url, headers=auth_headers())
+        assert response.status_code == status, (url, response.text)
+        assert response.json()["success"] is False and response.json()["code"], url
+    too_big = client.get(
+        f"/api/events/stream?pageId={page['pageId']}", headers={**auth_headers(), "Last-Event-ID": "9" * 30}
+    )
+    assert too_big.status_code == 400
+    # JSON nested 100,000 deep (msgspec raises RecursionError) and ids holding U+0000.
+    deep = b'{"unknown": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/api/pages", "/api/conversations/sync"):
+        response = client.post(
+            path, content=deep, headers={**auth_headers(), "Content-Type": "application/json"}
+        )
+        assert response.status_code == 400 and "nested too deeply" in response.json()["error"], path
+    for body in (
+        {"pageId": "a\u0000", "facebookPageId": "104325188712345"},
+        {"pageId": page["pageId"], "facebookPageId": "1043\u0000"},
+        {"pageId": page["pageId"], "facebookPageId": "104325188712345", "resumeSession": "\u0000"},
+    ):
+        response = client.post("/api/conversations/sync", json=body, headers=auth_headers())
+        assert response.status_code == 400 and "U+0000" in response.json()["error"], body
 
 
 def test_unknown_routes_and_methods_are_json(client: TestClient) -> None:

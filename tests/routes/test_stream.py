@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import msgspec
+import pytest
 import uvicorn
 from starlette.testclient import TestClient
 
@@ -16,8 +17,9 @@ from app import create_app
 from core.records import ConversationRecord, EventRecord
 from core.settings import Settings
 from routes.stream import event_stream
-from storage import Storage
-from tests.helpers import auth_headers, register_page
+from storage import Storage, open_storage
+from tests.helpers import PG_URL, auth_headers, graph_router, graph_transport, register_page
+from tests.helpers.proxy import TcpProxy
 
 CONTACT = "7712345678901234"
 
@@ -117,13 +119,13 @@ def test_stream_needs_a_key_and_the_users_page(client: TestClient) -> None:
 
 @contextlib.asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[str]:
-    """The app under a real uvicorn on a free loopback port (streams need a real server)."""
+    """The app under a real uvicorn on a free loopback port (streams need a real server), its
+    Graph a stand-in serving /me (registering a page verifies the token)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
+    app = create_app(settings, graph_transport=graph_transport(graph_router()))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:  # uvicorn offers no event for this  # noqa: ASYNC110
         await asyncio.sleep(0.01)
@@ -161,4 +163,26 @@ def test_dashboard_page(client: TestClient) -> None:
     response = client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    assert "/api/events/stream" in response.text and "Bearer" in response.text
+    assert '<script src="/static/dashboard.js"' in response.text  # the script is a file: see the CSP
+
+
+@pytest.mark.postgres_only
+async def test_a_stream_outlives_a_database_outage(storage: Storage, db_url: str) -> None:
+    """The database goes away under an open stream: it keeps beating, and carries on after."""
+    page, _ = await storage.register_page("alice", "104325188712345", "EAAB-token", None)
+    with TcpProxy.for_url(PG_URL) as proxy:
+        through_proxy = await open_storage(proxy.url(db_url))
+        stream = event_stream(through_proxy, page.id, 0, poll_seconds=0.01, heartbeat_seconds=0.01)
+        try:
+            assert await asyncio.wait_for(stream.__anext__(), 10) == b"retry: 2000\n\n"
+            proxy.stop()
+            # Polls fail with DatabaseUnavailable meanwhile: the stream sends heartbeats, not an error.
+            beats = [await asyncio.wait_for(stream.__anext__(), 10) for _ in range(3)]
+            assert beats == [b": keep-alive\n\n"] * 3
+            await storage.write_conversations(page.id, [record("m_during")])  # written elsewhere
+            proxy.start()
+            (event,) = await take(stream, 1)
+        finally:
+            await stream.aclose()
+            await through_proxy.close()
+    assert event["messageId"] == "m_during"

@@ -11,6 +11,7 @@ import pytest
 from schema.graph import (
     Conversation,
     EnvelopeError,
+    after_of_url,
     decode_app_usage,
     decode_business_usage,
     decode_conversation_list,
@@ -95,9 +96,32 @@ def test_last_page_has_no_next_cursor() -> None:
     assert listing.paging is not None and listing.paging.cursors is not None
     assert listing.paging.cursors.after  # a cursor exists, but no next page
     assert listing.next_cursor is None
-    assert (
-        decode_conversation_list(load("conversations_empty.json")).next_cursor is None
-    )
+    assert decode_conversation_list(load("conversations_empty.json")).next_cursor is None
+    assert not listing.has_next
+
+
+def test_next_cursor_from_the_next_url_when_paging_has_no_cursors() -> None:
+    listing = decode_conversation_list(load("conversations_next_only.json"))
+    walk_1 = decode_conversation_list(load("conversations_walk_1.json"))
+    assert listing.paging is not None and listing.paging.cursors is None
+    assert listing.has_next and listing.next_cursor == walk_1.next_cursor
+    broken = decode_conversation_list(load("conversations_next_without_after.json"))
+    assert broken.has_next and broken.next_cursor is None  # a next page, no way to it
+
+
+@pytest.mark.parametrize(
+    ("url", "after"),
+    [
+        ("https://graph.facebook.com/v25.0/1/conversations?limit=25&after=QVFI%3D%3D", "QVFI=="),
+        ("https://anywhere.example/x?after=&after=QVFIb", "QVFIb"),  # the first non-empty one
+        ("/relative?after=c1", "c1"),
+        ("https://graph.facebook.com/v25.0/1/conversations?limit=25", None),
+        ("not a url at all", None),
+        ("http://[::1", None),
+    ],
+)
+def test_after_of_url(url: str, after: str | None) -> None:
+    assert after_of_url(url) == after
 
 
 def test_malformed_records_are_skipped_with_their_path() -> None:
@@ -120,9 +144,7 @@ def test_a_record_that_is_not_an_object_is_skipped_at_its_index() -> None:
     body = b'{"data": [12, {"id": "t_1", "updated_time": "2025-06-01T12:00:00+0000"}]}'
     listing = decode_conversation_list(body)
     assert [c.id for c in listing.conversations] == ["t_1"]
-    assert listing.skipped == [
-        ("$.data[0]", "Expected `object`, got `int` - at `$.data[0]`")
-    ]
+    assert listing.skipped == [("$.data[0]", "Expected `object`, got `int` - at `$.data[0]`")]
 
 
 def test_a_time_without_offset_is_rejected() -> None:
@@ -132,9 +154,7 @@ def test_a_time_without_offset_is_rejected() -> None:
     assert listing.skipped[0][0] == "$.data[0].updated_time"
 
 
-@pytest.mark.parametrize(
-    "body", [b"<html>502 Bad Gateway</html>", b"", b'{"data": 5}', b"[]", b'{"x": 1}']
-)
+@pytest.mark.parametrize("body", [b"<html>502 Bad Gateway</html>", b"", b'{"data": 5}', b"[]", b'{"x": 1}'])
 def test_a_body_that_is_not_a_listing_raises_envelope_error(body: bytes) -> None:
     with pytest.raises(EnvelopeError):
         decode_conversation_list(body)
@@ -181,9 +201,7 @@ def test_usage_headers() -> None:
         '{"104325188712345":[{"type":"messenger","call_count":96,"total_cputime":12,'
         '"total_time":30,"estimated_time_to_regain_access":4}]}'
     )
-    assert [
-        (e.type, e.percent, e.estimated_time_to_regain_access) for e in entries
-    ] == [("messenger", 96, 4)]
+    assert [(e.type, e.percent, e.estimated_time_to_regain_access) for e in entries] == [("messenger", 96, 4)]
     assert decode_business_usage("[1, 2]") == []
 
 

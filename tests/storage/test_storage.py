@@ -1,16 +1,25 @@
-"""The storage contract, on both engines: locks, fencing, versions, events, atomicity."""
+"""The storage contract, on both engines: locks, fencing, versions, events, atomicity, and what a
+database that cannot be reached looks like (DatabaseUnavailable, then recovery on its own)."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import uuid
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
-from core.errors import LeaseLost
+from core.errors import DatabaseUnavailable, LeaseLost
 from core.records import ConversationRecord, EventRecord
 from storage import Storage, open_storage
 from storage.base import SyncProgress
+from storage.sql import SQLStorage
+from storage.sqlite import SQLiteEngine
+from tests.helpers import PG_URL
+from tests.helpers.proxy import TcpProxy
 
 
 async def rows(storage: Storage, sql: str, *args: Any) -> list[Any]:
@@ -189,3 +198,103 @@ async def test_pages_are_per_user(storage: Storage) -> None:
     assert await storage.get_page("bob", page.id) is None
     assert [p.id for p in await storage.list_pages("alice")] == [page.id]
     assert "token-1" not in repr(page) and "token-2" not in repr(same)
+
+
+# --- an unreachable database ----------------------------------------------------------------
+
+
+async def _every_kind_of_connection(storage: Storage) -> list[BaseException | None]:
+    """A read, a write transaction and a one-statement write: what each raised (None: it worked)."""
+    calls = [
+        storage.ping(),
+        storage.register_page("alice", "104325188799999", "EAAB-token", None),
+        storage.cleanup_expired_locks(),
+    ]
+    outcomes: list[BaseException | None] = []
+    for call in calls:
+        try:
+            await call
+        except Exception as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+    return outcomes
+
+
+@pytest.mark.postgres_only
+async def test_postgres_going_away_and_coming_back(db_url: str) -> None:
+    with TcpProxy.for_url(PG_URL) as proxy:
+        storage = await open_storage(proxy.url(db_url))
+        try:
+            await storage.migrate()
+            assert await _every_kind_of_connection(storage) == [None, None, None]
+            # Gone (the pool's idle connections are reset with it, new ones refused): every kind of
+            # connection raises DatabaseUnavailable, and quickly.
+            proxy.stop()
+            outcomes = await asyncio.wait_for(_every_kind_of_connection(storage), 30)
+            assert all(isinstance(exc, DatabaseUnavailable) for exc in outcomes), outcomes
+            assert [getattr(exc, "code", None) for exc in outcomes] == ["database_unavailable"] * 3
+            # Back: the same storage works again, nothing restarted, not one call failing first.
+            proxy.start()
+            assert await _every_kind_of_connection(storage) == [None, None, None]
+        finally:
+            await storage.close()
+
+
+@pytest.mark.postgres_only
+async def test_postgres_restarting_under_the_pool(db_url: str) -> None:
+    """The server terminating our sessions (what a restart or failover does): the pool recovers."""
+    name = f"outage_{uuid.uuid4().hex[:8]}"
+    storage = await open_storage(f"{db_url}&application_name={name}")
+    try:
+        await storage.migrate()
+        # A connection in use while its session is terminated: that caller gets a 503.
+        with pytest.raises(DatabaseUnavailable):
+            async with storage.engine.reader() as conn:  # type: ignore[attr-defined]
+                admin = await asyncpg.connect(PG_URL)
+                try:
+                    await admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                        name,
+                    )
+                finally:
+                    await admin.close()
+                async with asyncio.timeout(30):
+                    await conn.fetchrow("SELECT 1")
+        # Unlike the caller that was mid-query when the server went, the next ones just work.
+        assert await _every_kind_of_connection(storage) == [None, None, None]
+    finally:
+        await storage.close()
+
+
+async def test_sqlite_locked_past_the_busy_timeout(tmp_path: Path) -> None:
+    """Another process holding the write lock too long: writes answer DatabaseUnavailable, reads
+    go on (WAL), and once the lock is let go the same engine writes again."""
+    path = tmp_path / "locked.db"
+    storage = SQLStorage(SQLiteEngine(str(path), busy_timeout_ms=50))
+    await storage.engine.open()  # type: ignore[attr-defined]
+    try:
+        await storage.migrate()
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # e.g. a backup, or the sqlite3 shell mid-transaction
+            outcomes = await _every_kind_of_connection(storage)
+            assert outcomes[0] is None  # readers are not blocked by a writer
+            assert all(isinstance(exc, DatabaseUnavailable) for exc in outcomes[1:]), outcomes
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        assert await _every_kind_of_connection(storage) == [None, None, None]
+    finally:
+        await storage.close()
+
+
+async def test_engines_tell_outages_from_bugs(storage: Storage) -> None:
+    """A statement that is wrong stays an error of its own (a 500 with a log line), not a 503."""
+    engine = storage.engine  # type: ignore[attr-defined]
+    with pytest.raises(Exception) as raised:
+        async with engine.reader() as conn:
+            await conn.fetch("SELECT no_such_column FROM facebook_pages")
+    assert not isinstance(raised.value, DatabaseUnavailable)
+    assert not engine.is_unavailable(raised.value)
+    assert engine.is_unavailable(ConnectionRefusedError(111, "Connection refused"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -16,12 +18,13 @@ import respx
 from core.errors import (
     GraphAuthError,
     GraphCursorRejected,
+    GraphError,
     GraphRateLimited,
     GraphRequestError,
     GraphUnavailable,
 )
 from schema.graph import CONVERSATION_FIELDS
-from sync.graph_client import GraphClient
+from sync.graph_client import MAX_RETRY_AFTER_SECONDS, GraphClient, parse_retry_after
 from tests.helpers.sync import FakeTime
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures" / "graph"
@@ -35,9 +38,7 @@ def fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
-def graph(
-    status: int, name: str, headers: dict[str, str] | None = None
-) -> httpx.Response:
+def graph(status: int, name: str, headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.Response(
         status,
         content=fixture(name),
@@ -77,9 +78,7 @@ async def fetch(
     limit: int = 100,
     budget: float = 50.0,
 ) -> Any:
-    return await gc.fetch_conversations(
-        PAGE, TOKEN, after=after, limit=limit, deadline=fake.now + budget
-    )
+    return await gc.fetch_conversations(PAGE, TOKEN, after=after, limit=limit, deadline=fake.now + budget)
 
 
 @pytest.mark.asyncio
@@ -157,9 +156,7 @@ async def test_transient_failure_is_retried_after_backoff(failure: Any) -> None:
             page = await fetch(gc, fake)
     assert len(page.records) == 3
     assert route.call_count == 2
-    assert fake.sleeps == [
-        0.5
-    ]  # full jitter with random() == 1.0: the whole first step
+    assert fake.sleeps == [0.5]  # full jitter with random() == 1.0: the whole first step
 
 
 @pytest.mark.asyncio
@@ -183,9 +180,7 @@ async def test_exhausted_retries_raise_graph_unavailable(
 async def test_jitter_draws_below_the_exponential_cap(
     respx_mock: respx.MockRouter,
 ) -> None:
-    respx_mock.get(PATH).mock(
-        side_effect=[httpx.Response(502), httpx.Response(502), ok()]
-    )
+    respx_mock.get(PATH).mock(side_effect=[httpx.Response(502), httpx.Response(502), ok()])
     async with client(backoff_base=1.0, random=lambda: 0.25) as (gc, fake):
         await fetch(gc, fake)
     assert fake.sleeps == [0.25, 0.5]
@@ -253,7 +248,8 @@ async def test_rate_limit_past_the_deadline_raises_with_retry_after(
             await fetch(gc, fake, budget=50)
     assert route.call_count == 1 and fake.sleeps == []
     body = caught.value.to_json()
-    assert body["code"] == "graph_rate_limited" and body["retry_after"] == 300
+    # retryAfter in camelCase, as the SPEC names times in error bodies.
+    assert body["code"] == "graph_rate_limited" and body["retryAfter"] == 300
     assert caught.value.graph_code == 80006
 
 
@@ -273,9 +269,7 @@ async def test_app_limit_with_app_usage_header(respx_mock: respx.MockRouter) -> 
 async def test_rate_limit_without_headers_backs_off(
     respx_mock: respx.MockRouter,
 ) -> None:
-    respx_mock.get(PATH).mock(
-        side_effect=[httpx.Response(429), graph(400, "error_4.json"), ok()]
-    )
+    respx_mock.get(PATH).mock(side_effect=[httpx.Response(429), graph(400, "error_4.json"), ok()])
     async with client(rate_limit_backoff_base=2.0) as (gc, fake):
         await fetch(gc, fake)
     assert fake.sleeps == [2.0, 4.0]
@@ -291,7 +285,7 @@ async def test_rate_limit_exhausting_attempts_raises_rate_limited(
         with pytest.raises(GraphRateLimited) as caught:
             await fetch(gc, fake)
     assert fake.sleeps == [1.0]
-    assert caught.value.extra["retry_after"] == 2
+    assert caught.value.extra["retryAfter"] == 2
 
 
 @pytest.mark.asyncio
@@ -317,9 +311,7 @@ async def test_reduce_the_amount_of_data_halves_the_limit(
 async def test_reduce_the_amount_of_data_at_limit_one_is_a_transient_fault(
     respx_mock: respx.MockRouter,
 ) -> None:
-    route = respx_mock.get(PATH).mock(
-        return_value=graph(500, "error_1_reduce_data.json")
-    )
+    route = respx_mock.get(PATH).mock(return_value=graph(500, "error_1_reduce_data.json"))
     async with client(max_attempts=3) as (gc, fake):
         with pytest.raises(GraphUnavailable):
             await fetch(gc, fake, limit=2)
@@ -365,9 +357,7 @@ async def test_other_code_100_with_a_cursor_is_not_a_cursor_rejection(
     ("status", "name", "code"),
     [(403, "error_10.json", 10), (403, "error_200.json", 200), (404, None, None)],
 )
-async def test_request_errors_are_not_retried(
-    status: int, name: str | None, code: int | None
-) -> None:
+async def test_request_errors_are_not_retried(status: int, name: str | None, code: int | None) -> None:
     response = graph(status, name) if name else httpx.Response(status, text="Not Found")
     with respx.mock(base_url=BASE_URL) as mock:
         route = mock.get(PATH).mock(return_value=response)
@@ -460,9 +450,112 @@ async def test_page_usage_paces_only_that_page_and_never_past_the_deadline(
     other = respx_mock.get("/999/conversations").mock(return_value=ok())
     async with client(pacing_max_delay=10) as (gc, fake):
         await fetch(gc, fake)
-        await gc.fetch_conversations(
-            "999", TOKEN, after=None, limit=5, deadline=fake.now + 50
-        )
+        await gc.fetch_conversations("999", TOKEN, after=None, limit=5, deadline=fake.now + 50)
         assert fake.sleeps == [] and other.call_count == 1
         await fetch(gc, fake, budget=4.0)
     assert fake.sleeps == [pytest.approx(4.0)]  # 10 s asked, 4 s left
+
+
+# ---- Retry-After: the server's word is the wait -------------------------------------------------
+
+WALL = 1_750_000_000.0  # the wall clock an HTTP-date Retry-After is measured from
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("limited", "waited"),
+    [
+        (httpx.Response(429, headers={"retry-after": "7"}), 7.0),
+        (graph(429, "error_4.json", {"retry-after": "12"}), 12.0),
+        (httpx.Response(429, headers={"retry-after": email.utils.formatdate(WALL + 90, usegmt=True)}), 90.0),
+        (httpx.Response(503, headers={"retry-after": "3"}), 3.0),
+        (httpx.Response(429, headers={"retry-after": "in a while"}), 5.0),  # unreadable: the backoff
+    ],
+    ids=["429-seconds", "429-graph-body", "429-http-date", "503-seconds", "429-unreadable"],
+)
+async def test_retry_after_is_the_wait(limited: httpx.Response, waited: float) -> None:
+    with respx.mock(base_url=BASE_URL) as mock:
+        route = mock.get(PATH).mock(side_effect=[limited, ok()])
+        async with client(rate_limit_backoff_base=5.0, backoff_base=0.5, wall_clock=lambda: WALL) as (
+            gc,
+            fake,
+        ):
+            page = await fetch(gc, fake, budget=120)
+    assert len(page.records) == 3 and route.call_count == 2
+    assert fake.sleeps == [waited]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("limited", "error"),
+    [
+        (httpx.Response(429, headers={"retry-after": "120"}), GraphRateLimited),
+        (graph(400, "error_80006.json", {"retry-after": "120"}), GraphRateLimited),
+        (httpx.Response(503, headers={"retry-after": "120"}), GraphUnavailable),
+    ],
+    ids=["429", "code-80006", "503"],
+)
+async def test_retry_after_past_the_deadline_is_the_502s_retry_after(
+    limited: httpx.Response, error: type[GraphError]
+) -> None:
+    with respx.mock(base_url=BASE_URL) as mock:
+        route = mock.get(PATH).mock(return_value=limited)
+        async with client() as (gc, fake):
+            with pytest.raises(error) as caught:
+                await fetch(gc, fake, budget=50)
+    assert route.call_count == 1 and fake.sleeps == []  # 120 s would pass the 50 s budget
+    body = caught.value.to_json()
+    assert body["retryAfter"] == 120 and "no time left" in body["error"]
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("30", 30.0),
+        (" 2.5 ", 2.5),
+        ("0", 0.0),
+        ("Wed, 11 Jun 2025 15:08:20 GMT", 0.0),  # in the past: no wait
+        (email.utils.formatdate(WALL + 45, usegmt=False), 45.0),
+        ("9" * 12, MAX_RETRY_AFTER_SECONDS),
+        ("-5", None),
+        ("soon", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(header, WALL) == seconds
+
+
+# ---- paging: the next page's cursor, never the next URL -----------------------------------------
+
+
+@pytest.mark.asyncio
+@respx.mock(base_url=BASE_URL)
+async def test_next_cursor_comes_from_the_next_urls_query(respx_mock: respx.MockRouter) -> None:
+    route = respx_mock.get(PATH).mock(side_effect=[ok("conversations_next_only.json"), ok()])
+    async with client() as (gc, fake):
+        first = await fetch(gc, fake)
+        await fetch(gc, fake, after=first.next_cursor)
+    listing = json.loads(fixture("conversations_next_only.json"))
+    assert "cursors" not in listing["paging"]
+    assert first.next_cursor == parse_qs(urlsplit(listing["paging"]["next"]).query)["after"][0]
+    assert first.paging_problem is None
+    # The URL itself is never requested: the next request is ours, with only its cursor taken.
+    second = route.calls[1].request
+    assert second.url.host == "graph.test" and second.url.params["after"] == first.next_cursor
+    assert "access_token" not in str(second.url) and second.url.params["fields"] == CONVERSATION_FIELDS
+
+
+@pytest.mark.asyncio
+@respx.mock(base_url=BASE_URL)
+async def test_a_next_page_without_a_cursor_is_a_paging_problem(
+    respx_mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sync.graph_client")
+    respx_mock.get(PATH).mock(return_value=ok("conversations_next_without_after.json"))
+    async with client() as (gc, fake):
+        page = await fetch(gc, fake)
+    assert page.next_cursor is None and page.paging_problem is not None
+    assert "no cursor" in page.paging_problem and len(page.records) == 3
+    assert "no cursor" in caplog.text and "access_token" not in caplog.text  # the URL is not logged

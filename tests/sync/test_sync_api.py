@@ -338,3 +338,59 @@ async def test_monitoring_routes(settings: Settings, graph: respx.MockRouter, st
         assert_error(await http.get("/api/sync/stats"), 401, "unauthorized")
     after = await storage.acquire_sync_lock(page_id, "next", 30)
     assert after is not None and after.fencing_token > lease.fencing_token
+
+
+async def test_a_hanging_graph_answers_502_by_the_end_of_the_budget_and_frees_the_lock(
+    settings: Settings, graph: respx.MockRouter, storage: Storage
+) -> None:
+    fake = FakeGraph(graph, chain(*WALK))
+    held = fake.hold(None)  # Graph never answers (the app's clock is real: a 100 ms budget)
+    async with running_app(settings, graph) as http:
+        page_id = await register(http)
+        response = await asyncio.wait_for(sync(http, page_id, maxDurationMs=100), 20)
+        body = assert_error(response, 502, "graph_unavailable")
+        assert "time budget" in body["error"]
+        assert held.answering.is_set()
+        assert (await http.get("/api/sync/active", headers=auth_headers())).json() == {"activeSyncs": []}
+    assert await storage.current_lock(page_id) is None
+
+
+async def test_retry_after_past_the_budget_is_the_502s_retry_after(
+    settings: Settings, graph: respx.MockRouter, storage: Storage
+) -> None:
+    answers = chain(*WALK)
+    answers[C1] = [httpx.Response(429, headers={"retry-after": "120"}), WALK[1]]
+    fake = FakeGraph(graph, answers)
+    async with running_app(settings, graph) as http:
+        page_id = await register(http)
+        body = assert_error(await sync(http, page_id), 502, "graph_rate_limited")
+        assert body["retryAfter"] == 120
+    assert fake.calls == [None, C1]
+    state = await storage.get_sync_state(page_id)
+    assert state is not None and state.last_cursor == C1 and await storage.current_lock(page_id) is None
+
+
+async def test_mode_full_after_a_failed_sync_starts_a_new_full_session(
+    settings: Settings, graph: respx.MockRouter, storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_sleep(seconds: float) -> None:
+        return None
+
+    monkeypatch.setattr(app_module, "GraphClient", functools.partial(GraphClient, sleep=no_sleep))
+    answers = chain(*WALK)
+    answers[C1] = [httpx.Response(503)]
+    fake = FakeGraph(graph, answers)
+    async with running_app(settings, graph) as http:
+        page_id = await register(http)
+        assert_error(await sync(http, page_id), 502, "graph_unavailable")
+        failed = await storage.get_sync_state(page_id)
+        assert failed is not None and not failed.is_complete
+        answers[C1] = [WALK[1]]
+        fake.requests.clear()
+        full = await sync(http, page_id, mode="full")
+        assert full.status_code == 200, full.text
+    body = full.json()
+    assert body["syncSessionId"] != failed.sync_session_id
+    assert (body["synced"], body["hasMore"]) == (12, False)  # the whole walk, not "synced: 0"
+    assert fake.calls[0] is None
+    await assert_seed_checks(storage)

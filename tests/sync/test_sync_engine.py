@@ -24,6 +24,7 @@ from core.errors import (
     GraphUnavailable,
     InvalidResumeSession,
     LeaseLost,
+    ServiceUnavailable,
 )
 from core.metrics import Metrics
 from core.settings import Settings
@@ -79,7 +80,7 @@ async def sync_engine(
     transport = httpx.MockTransport(router.async_handler)
     async with httpx.AsyncClient(base_url=GRAPH_URL, transport=transport) as http:
         graph = GraphClient(http, sleep=fake.sleep, clock=fake.clock, random=lambda: 1.0)
-        yield SyncEngine(storage, graph, settings, Metrics(), clock=fake.clock), fake
+        yield SyncEngine(storage, graph, settings, Metrics(), clock=fake.clock, alarm=fake.alarm), fake
 
 
 def request(page: Page, **fields: Any) -> SyncRequest:
@@ -451,3 +452,248 @@ async def test_reduced_page_size_sticks_for_the_rest_of_the_walk(
         result = await engine.sync("alice", request(page))
     assert result["synced"] == 12
     assert [r.url.params["limit"] for r in graph.requests] == ["100", "50", "50", "50", "50"]
+
+
+# ---- a Graph that hangs: abandoned at the end of the budget -------------------------------------
+
+
+async def test_graph_hanging_on_the_first_page_answers_unavailable_and_writes_nothing(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
+) -> None:
+    graph = FakeGraph(router, chain(*WALK))
+    held = graph.hold(None)  # never released
+    async with sync_engine(storage, router, settings) as (engine, fake):
+        task = asyncio.create_task(engine.sync("alice", request(page, max_duration_ms=2000)))
+        await asyncio.wait_for(held.answering.wait(), 5)
+        fake.now += 3.0  # the budget and one second pass; Graph still says nothing
+        with pytest.raises(GraphUnavailable) as caught:
+            await asyncio.wait_for(task, 5)
+    assert caught.value.code == "graph_unavailable" and "time budget" in caught.value.message
+    assert await storage.current_lock(page.id) is None
+    assert await conversation_versions(storage, page.id) == {}
+    state = await storage.get_sync_state(page.id)
+    assert state is not None and not state.is_complete and state.last_cursor is None
+    assert "graph_unavailable" in (state.last_error or "")
+
+
+async def test_the_first_page_is_still_awaited_just_past_a_tiny_budget(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
+) -> None:
+    graph = FakeGraph(router, chain(*WALK))
+    held = graph.hold(None)
+    async with sync_engine(storage, router, settings) as (engine, fake):
+        task = asyncio.create_task(engine.sync("alice", request(page, max_duration_ms=1)))
+        await asyncio.wait_for(held.answering.wait(), 5)
+        fake.now += 0.5  # past the budget, within its grace: progress, not an error
+        held.release.set()
+        result = await asyncio.wait_for(task, 5)
+    assert (result["synced"], result["hasMore"]) == (3, True)
+    assert graph.calls == [None]  # no time left to ask for the next page
+    state = await storage.get_sync_state(page.id)
+    assert state is not None and state.last_cursor == C1
+
+
+async def test_graph_hanging_on_a_later_page_returns_has_more_with_the_cursor_saved(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
+) -> None:
+    graph = FakeGraph(router, chain(*WALK))
+    held = graph.hold(C1)  # page 2 never answers
+    async with sync_engine(storage, router, settings) as (engine, fake):
+        task = asyncio.create_task(engine.sync("alice", request(page, max_duration_ms=2000)))
+        await asyncio.wait_for(held.answering.wait(), 5)
+
+        async def page_one_committed() -> bool:
+            state = await storage.get_sync_state(page.id)
+            return state is not None and state.last_cursor == C1
+
+        await wait_for(page_one_committed, "page 1 to commit")
+        fake.now += 2.0  # the budget runs out while Graph answers page 2
+        result = await asyncio.wait_for(task, 5)
+        assert (result["synced"], result["hasMore"]) == (3, True)
+        assert result["resumeSession"] == result["syncSessionId"]
+        assert await storage.current_lock(page.id) is None
+        state = await storage.get_sync_state(page.id)
+        assert state is not None and state.last_cursor == C1 and state.last_error is None
+        # Graph answers again: the next request fetches page 2 again and finishes.
+        held.release.set()
+        resumed = await engine.sync("alice", request(page, resume_session=result["resumeSession"]))
+    assert (resumed["synced"], resumed["hasMore"]) == (9, False)
+    assert len(await conversation_versions(storage, page.id)) == 12
+
+
+# ---- Retry-After ----------------------------------------------------------------------------------
+
+
+async def test_retry_after_within_the_budget_is_waited(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
+) -> None:
+    answers = chain(*WALK)
+    answers[C1] = [httpx.Response(429, headers={"retry-after": "7"}), WALK[1]]
+    graph = FakeGraph(router, answers)
+    async with sync_engine(storage, router, settings) as (engine, fake):
+        result = await engine.sync("alice", request(page))
+    assert fake.sleeps == [7.0] and graph.calls == [None, C1, C1, C2, C3]
+    assert (result["synced"], result["hasMore"]) == (12, False)
+
+
+async def test_retry_after_past_the_budget_is_the_502s_retry_after(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
+) -> None:
+    answers = chain(*WALK)
+    answers[C1] = [httpx.Response(429, headers={"retry-after": "120"})]
+    graph = FakeGraph(router, answers)
+    async with sync_engine(storage, router, settings) as (engine, fake):
+        with pytest.raises(GraphRateLimited) as caught:
+            await engine.sync("alice", request(page))
+    assert caught.value.to_json()["retryAfter"] == 120 and fake.sleeps == []
+    assert graph.calls == [None, C1]
+    state = await storage.get_sync_state(page.id)
+    assert state is not None and state.last_cursor == C1 and not state.is_complete
+    assert await storage.current_lock(page.id) is None
+
+
+# ---- paging.next without paging.cursors -----------------------------------------------------------
+
+
+async def test_the_cursor_of_a_next_url_continues_the_walk(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
+) -> None:
+    answers = chain(*WALK)
+    answers[None] = ["conversations_next_only.json"]  # page 1 with paging.next only; its after is C1
+    graph = FakeGraph(router, answers)
+    async with sync_engine(storage, router, settings) as (engine, _):
+        result = await engine.sync("alice", request(page))
+    assert (result["synced"], result["hasMore"]) == (12, False)
+    assert graph.calls == [None, C1, C2, C3]
+    assert all(r.url.host == "graph.test" and "access_token" not in str(r.url) for r in graph.requests)
+
+
+async def test_a_next_page_without_a_cursor_answers_unavailable_and_is_never_complete(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
+) -> None:
+    graph = FakeGraph(router, {None: ["conversations_next_without_after.json"]})
+    async with sync_engine(storage, router, settings) as (engine, _):
+        with pytest.raises(GraphUnavailable) as caught:
+            await engine.sync("alice", request(page))
+        assert "no cursor" in caught.value.message
+        state = await storage.get_sync_state(page.id)
+        assert state is not None and not state.is_complete and state.watermark is None
+        assert "no cursor" in (state.last_error or "") and state.completed_syncs == 0
+        assert await storage.current_lock(page.id) is None
+        # Graph mends its paging: the same session goes on from the top.
+        graph.answers.update(chain(*WALK))
+        result = await engine.sync("alice", request(page))
+    assert result["syncSessionId"] == state.sync_session_id and result["synced"] == 12
+    assert graph.calls == [None, None, C1, C2, C3]
+
+
+# ---- sessions: resumeSession, mode ----------------------------------------------------------------
+
+
+async def failed_at_page_two(
+    engine: SyncEngine, storage: Storage, page: Page, answers: dict[str | None, list[Any]]
+) -> str:
+    """A sync that fails on page 2 (Graph answers 503 past retries); its session id."""
+    answers[C1] = [httpx.Response(503)]
+    with pytest.raises(GraphUnavailable):
+        await engine.sync("alice", request(page))
+    state = await storage.get_sync_state(page.id)
+    assert state is not None and state.last_cursor == C1 and not state.is_complete
+    answers[C1] = [WALK[1]]
+    return state.sync_session_id
+
+
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+async def test_an_explicit_mode_after_a_failed_sync_starts_a_new_session(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings, mode: str
+) -> None:
+    answers = chain(*WALK)
+    graph = FakeGraph(router, answers)
+    async with sync_engine(storage, router, settings) as (engine, _):
+        failed = await failed_at_page_two(engine, storage, page, answers)
+        graph.requests.clear()
+        result = await engine.sync("alice", request(page, mode=mode))
+    assert result["syncSessionId"] != failed
+    assert graph.calls == [None, C1, C2, C3]  # from the top
+    assert (result["synced"], result["inserted"], result["unchanged"]) == (12, 9, 3)
+    state = await storage.get_sync_state(page.id)
+    assert state is not None and state.mode == mode and state.is_complete
+
+
+async def test_without_mode_a_failed_session_is_continued(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
+) -> None:
+    answers = chain(*WALK)
+    graph = FakeGraph(router, answers)
+    async with sync_engine(storage, router, settings) as (engine, _):
+        failed = await failed_at_page_two(engine, storage, page, answers)
+        graph.requests.clear()
+        result = await engine.sync("alice", request(page))
+    assert result["syncSessionId"] == failed and graph.calls == [C1, C2, C3]
+    assert (result["synced"], result["inserted"]) == (9, 9)
+
+
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+async def test_resume_session_continues_that_session_whatever_mode_it_carries(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings, mode: str
+) -> None:
+    answers = chain(*WALK)
+    graph = FakeGraph(router, answers)
+    async with sync_engine(storage, router, settings) as (engine, _):
+        failed = await failed_at_page_two(engine, storage, page, answers)
+        graph.requests.clear()
+        result = await engine.sync("alice", request(page, resume_session=failed, mode=mode))
+        assert result["syncSessionId"] == failed and graph.calls == [C1, C2, C3]
+        state = await storage.get_sync_state(page.id)
+        assert state is not None and state.mode == "full"  # the session's own mode
+        with pytest.raises(InvalidResumeSession):  # complete now
+            await engine.sync("alice", request(page, resume_session=failed, mode=mode))
+        with pytest.raises(InvalidResumeSession):
+            await engine.sync("alice", request(page, resume_session="no-such-session", mode=mode))
+    assert await storage.current_lock(page.id) is None
+
+
+# ---- shutdown: aclose() lets go of the locks -------------------------------------------------------
+
+
+@pytest.mark.parametrize("hangs_at", [None, C1], ids=["first-page", "later-page"])
+async def test_aclose_stops_running_syncs_and_releases_their_locks(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings, hangs_at: str | None
+) -> None:
+    graph = FakeGraph(router, chain(*WALK))
+    held = graph.hold(hangs_at)  # never released: Graph hangs when the service shuts down
+    async with sync_engine(storage, router, settings) as (engine, _):
+        task = asyncio.create_task(engine.sync("alice", request(page)))
+        await asyncio.wait_for(held.answering.wait(), 5)
+        if hangs_at == C1:
+
+            async def page_one_committed() -> bool:
+                state = await storage.get_sync_state(page.id)
+                return state is not None and state.last_cursor == C1
+
+            await wait_for(page_one_committed, "page 1 to commit")
+        assert await storage.current_lock(page.id) is not None
+        await asyncio.wait_for(engine.aclose(), 10)
+        assert task.done()  # aclose waited for it
+        with pytest.raises(ServiceUnavailable) as caught:
+            await task  # the caller still gets an answer, not a cancellation
+        assert await storage.current_lock(page.id) is None  # free in the database, not left for the TTL
+        with pytest.raises(ServiceUnavailable):
+            await engine.sync("alice", request(page))  # closed: no new sync starts
+    assert caught.value.status_code == 503 and "shutting down" in caught.value.message
+    state = await storage.get_sync_state(page.id)
+    assert state is not None and not state.is_complete
+    assert state.last_cursor == hangs_at  # what was written stays, the next sync goes on from there
+    assert len(await conversation_versions(storage, page.id)) == (0 if hangs_at is None else 3)
+    # Another process takes the lock at once and continues the session.
+    assert await storage.acquire_sync_lock(page.id, "next-process", 30) is not None
+
+
+async def test_aclose_without_running_syncs_returns_at_once(
+    storage: Storage, page: Page, router: respx.MockRouter, settings: Settings
+) -> None:
+    FakeGraph(router, chain(*WALK))
+    async with sync_engine(storage, router, settings) as (engine, _):
+        assert (await engine.sync("alice", request(page)))["synced"] == 12
+        await asyncio.wait_for(engine.aclose(), 1)
+    assert await storage.current_lock(page.id) is None

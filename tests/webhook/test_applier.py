@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from typing import Any
 
+import msgspec
 import pytest
 from starlette.testclient import TestClient
 
@@ -17,19 +19,21 @@ from storage.base import InboxBody
 from tests.helpers import make_settings, register_page, running_app
 from tests.helpers.webhook import (
     PAGE,
-    WEBHOOKS,
     A,
     B,
     call,
     conversations,
     drain,
     events,
+    fixture,
     inbox,
+    inbox_rows,
     message_body,
     post,
     signed,
     wait_until_drained,
 )
+from webhook import parse as parse_module
 from webhook.applier import Applier, run_replay_command
 from webhook.intake import SATURATED_BATCH, InboxWriter
 
@@ -113,13 +117,13 @@ async def test_replay_command_applies_failed_rows(
 ) -> None:
     page, _ = await storage.register_page("alice", PAGE, "EAAB-token", "Test Page")
     poisoned = message_body("m_p", "from poison", 1_732_900_000_002, sender=POISON)
-    invalid = (WEBHOOKS / "invalid_timestamp.json").read_bytes()
+    invalid = fixture("invalid_outer_shape.json")
     async with running_app(quiet_settings) as http:
         assert await post_async(http, poisoned) == 200
-        assert await post_async(http, invalid) == 400
+        assert await post_async(http, invalid) == 200  # acknowledged: it is Meta's body
     poison_writes(storage, monkeypatch)
     summary = await Applier(storage, quiet_settings, Metrics()).drain()
-    assert summary.failed == 1
+    assert (summary.failed, summary.invalid) == (1, 1)
     assert await storage.webhook_status_counts() == {"failed": 1, "invalid": 1}
 
     monkeypatch.undo()
@@ -127,7 +131,7 @@ async def test_replay_command_applies_failed_rows(
     out = capsys.readouterr().out
     assert "requeued: 2" in out
     assert "applied: 1" in out
-    # The schema still rejects the invalid body: it stays invalid, ready for a later replay.
+    # The body is still unreadable: it stays invalid, ready for a later replay.
     assert await storage.webhook_status_counts() == {"applied": 1, "invalid": 1}
     (conv,) = await storage.list_conversations(page.id, 10, None)
     assert conv["senderId"] == POISON
@@ -250,3 +254,126 @@ async def test_intake_counts_as_saturated_only_under_queueing(db_url: str, stora
         assert writer.saturated()
     finally:
         await writer.stop()
+
+
+# ---- statuses, replay after a fix, what the error column holds ----------------------------------
+
+
+class OldSchema:
+    """Stands in for a stricter schema the service once had: ids sent as numbers were unreadable.
+
+    Replaying after "the fix" (undoing this) must apply what the old schema could not read.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real_entries, real_item = parse_module._entries_decoder, parse_module._item_decoder
+
+        class StrictEntries:
+            def decode(self, raw: Any) -> Any:
+                if re.search(rb'"id":\d', bytes(raw).split(b'"messaging"')[0]):
+                    raise msgspec.ValidationError("Expected `str`, got `int` - at `$[0].id`")
+                return real_entries.decode(raw)
+
+        class StrictItems:
+            def decode(self, raw: Any) -> Any:
+                if b'"timestamp":"' in bytes(raw):
+                    raise msgspec.ValidationError("Expected `int`, got `str` - at `$.timestamp`")
+                return real_item.decode(raw)
+
+        monkeypatch.setattr(parse_module, "_entries_decoder", StrictEntries())
+        monkeypatch.setattr(parse_module, "_item_decoder", StrictItems())
+
+
+async def test_replay_applies_invalid_rows_and_skipped_items_after_a_fix(
+    quiet_settings: Settings, storage: Storage, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    page, _ = await storage.register_page("alice", PAGE, "EAAB-token", "Test Page")
+    numbers, string_ts = fixture("ids_as_numbers.json"), fixture("timestamp_string.json")
+    plain = message_body("m_plain", "plain", 1_732_900_000_001)
+    async with running_app(quiet_settings) as http:
+        for body in (numbers, string_ts, plain):
+            assert await post_async(http, body) == 200
+    OldSchema(monkeypatch)
+    summary = await Applier(storage, quiet_settings, Metrics()).drain()
+    assert (summary.invalid, summary.applied, summary.skipped_items) == (1, 2, 1)
+    (conv,) = await storage.list_conversations(page.id, 10, None)
+    assert [e["messageId"] for e in await storage.list_events(conv["id"], 10, None)] == ["m_plain"]
+
+    monkeypatch.undo()  # the schema is fixed
+    assert await run_replay_command(quiet_settings) == 0
+    out = capsys.readouterr().out
+    assert "requeued: 2" in out  # the invalid row and the applied one that skipped an item
+    assert "applied: 2" in out and "items skipped: 0" in out
+    assert await storage.webhook_status_counts() == {"applied": 3}
+    async with storage.engine.reader() as conn:  # type: ignore[attr-defined]
+        errors = [r["error"] for r in await conn.fetch("SELECT error FROM webhook_events")]
+    assert errors == [None, None, None]
+    convs = await storage.list_conversations(page.id, 10, None)
+    assert sum(c["messageCount"] for c in convs) == 4  # both ids_as_numbers messages, the string one, plain
+    assert await run_replay_command(quiet_settings) == 0  # nothing left to replay
+    assert "requeued: 0" in capsys.readouterr().out
+
+
+def test_replaying_an_applied_row_with_skipped_items_is_idempotent(wclient: TestClient) -> None:
+    page = register_page(wclient)
+    assert post(wclient, fixture("invalid_item_type.json")).status_code == 200
+    drain(wclient)
+    storage = wclient.app_state["storage"]
+    assert call(wclient, storage.requeue_webhooks, ["failed", "invalid"]) == 0
+    for _ in range(2):
+        assert call(wclient, lambda: storage.requeue_webhooks(["failed"], with_skipped_items=True)) == 1
+        assert drain(wclient).applied == 1
+    [row] = inbox_rows(wclient)
+    assert row["status"] == "applied" and row["attempts"] == 3
+    assert row["error"].endswith("- at `$.entry[0].messaging[0].message.text`")
+    [conv] = conversations(wclient, page["pageId"])
+    assert conv["messageCount"] == 1 and len(events(wclient, conv["id"])) == 1
+
+
+async def test_errors_are_stored_without_nul(storage: Storage) -> None:
+    """PostgreSQL text cannot hold U+0000: an error carrying one must still be recorded."""
+    raws = [b'{"n": 1}', b'{"n": 2}']
+    await storage.record_webhook_batch([InboxBody(b, hashlib.sha256(b).hexdigest()) for b in raws])
+
+    def unreadable(body: bytes) -> Any:
+        raise ValueError("bad \x00 byte in " + body.decode())
+
+    report = await storage.apply_webhook_batch(unreadable, 1)
+    assert report.invalid == 1
+    [pending] = await storage.pending_webhook_ids(10)
+    await storage.mark_webhook_failed([pending], "RuntimeError: text with \x00 in it")
+    async with storage.engine.reader() as conn:  # type: ignore[attr-defined]
+        rows = await conn.fetch("SELECT status, error FROM webhook_events ORDER BY id")
+    assert [(r["status"], r["error"]) for r in rows] == [
+        ("invalid", 'bad  byte in {"n": 1}'),
+        ("failed", "RuntimeError: text with  in it"),
+    ]
+
+
+def test_failure_text_with_nul_marks_the_row_failed(
+    wclient: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register_page(wclient)
+    assert post(wclient, message_body("m_p", "poison", 1_732_900_000_002, sender=POISON)).status_code == 200
+    storage = wclient.app_state["storage"]
+    original = storage._write_records
+
+    async def failing(conn: Any, page_id: str, records: list[ConversationRecord]) -> Any:
+        raise RuntimeError("cannot store \x00")
+
+    monkeypatch.setattr(storage, "_write_records", failing)
+    assert drain(wclient).failed == 1
+    monkeypatch.setattr(storage, "_write_records", original)
+    [row] = inbox_rows(wclient)
+    assert (row["status"], row["error"]) == ("failed", "RuntimeError: cannot store ")
+
+
+def test_invalid_rows_are_counted_in_metrics(wclient: TestClient) -> None:
+    for body in (b"not json", fixture("invalid_outer_shape.json"), fixture("message_text.json")):
+        assert post(wclient, body).status_code == 200
+    summary = drain(wclient)
+    assert (summary.invalid, summary.ignored) == (2, 1)
+    metrics = wclient.get("/metrics").text
+    assert 'webhook_inbox_rows_total{status="invalid"} 2.0' in metrics
+    assert 'webhook_inbox_rows_total{status="ignored"} 1.0' in metrics
+    assert 'webhook_received_total{outcome="accepted"} 3.0' in metrics

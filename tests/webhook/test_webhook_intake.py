@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from core.errors import ServiceUnavailable
+from core.errors import DatabaseUnavailable, ServiceUnavailable
 from core.metrics import Metrics
 from storage import Storage
 from storage.base import InboxBody
@@ -102,7 +102,7 @@ async def test_failed_commit_fails_every_request_of_the_batch(storage: Storage, 
     try:
         counting.broken = True
         results = await asyncio.gather(*(inbox.submit(body(i)) for i in range(5)), return_exceptions=True)
-        assert all(isinstance(r, ServiceUnavailable) for r in results)
+        assert all(isinstance(r, DatabaseUnavailable) for r in results)  # 503 database_unavailable
         assert commits == []  # nothing committed, nothing to apply
         counting.broken = False
         await inbox.submit(body(99))  # the writer survived

@@ -3,56 +3,64 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import msgspec
 import pytest
 
-from core.records import EVENT_TYPES, ConversationRecord, EventRecord, attachment_label
+from core.records import EVENT_TYPES, attachment_label
+from tests.helpers.webhook import (
+    FIXTURE_OUTCOMES,
+    MID1,
+    MID3,
+    PAGE,
+    PAGE2,
+    WEBHOOKS,
+    A,
+    B,
+    C,
+    fixture,
+    item_body,
+    nested_body,
+)
+from tests.helpers.webhook import only_event as only
+from tests.helpers.webhook import parse_fixture as parse
 from webhook.parse import (
-    ParsedWebhook,
+    InvalidWebhook,
     decode_webhook,
+    read_webhook,
     webhook_records,
 )
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures" / "webhooks"
-PAGE = "104325188712345"
-PAGE2 = "104325188754321"
-A = "7712345678901234"
-B = "7798765432109876"
-C = "7723456789012345"
-MID1 = "m_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789aBcDeFgHiJkLmNoPqRsTuVwXyZ_0aB1cD2eF3gH4iJ5kL6mN7oP8qR9sT"
-MID3 = "m_AbC3TqW8eR7tY6uI5oP4aS3dF2gH1jK0lZ9xC8vB7nM6qWe5rT4yU3iO2pA1sD0f_GhJkLzXcVbNm1q2w3e4r5t6y7u8i"
-INVALID = {"invalid_timestamp.json"}
-VALID_FIXTURES = sorted(p.name for p in FIXTURES.glob("*.json") if p.name not in INVALID)
+FIXTURES = WEBHOOKS
+ALL_FIXTURES = sorted(p.name for p in FIXTURES.glob("*.json"))
 
 
-def parse(name: str) -> ParsedWebhook:
-    return webhook_records(decode_webhook((FIXTURES / name).read_bytes()))
+def test_every_fixture_is_described() -> None:
+    assert ALL_FIXTURES == sorted(FIXTURE_OUTCOMES)
+    assert "invalid_timestamp.json" not in ALL_FIXTURES  # a numeric string is readable now
 
 
-def only(name: str) -> tuple[str, ConversationRecord, EventRecord]:
-    """The single (page, record, event) a one-event fixture yields."""
-    parsed = parse(name)
-    assert parsed.unknown == 0
-    assert len(parsed.items) == 1
-    page, record = parsed.items[0]
-    assert len(record.events) == 1
-    return page, record, record.events[0]
-
-
-def test_fixture_set_is_complete() -> None:
-    assert len(VALID_FIXTURES) == 14
-
-
-@pytest.mark.parametrize("name", VALID_FIXTURES)
-def test_every_fixture_decodes_and_yields_storable_records(name: str) -> None:
-    raw = (FIXTURES / name).read_bytes()
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_every_fixture_decodes_with_the_schema(name: str) -> None:
+    raw = fixture(name)
     raw.decode("ascii")  # Meta escapes non-ASCII as \uXXXX
+    outcome = FIXTURE_OUTCOMES[name]
+    if outcome.status == "invalid":
+        with pytest.raises(msgspec.ValidationError):
+            decode_webhook(raw)
+        with pytest.raises(InvalidWebhook):
+            read_webhook(raw)
+        return
     body = decode_webhook(raw)
-    assert body.object == "page"
     parsed = webhook_records(body)
-    assert parsed.items
+    assert sorted(e.event_type for _, r in parsed.items for e in r.events) == list(outcome.events)
+    assert parsed.unknown == outcome.unknown
+    assert len(parsed.skipped) == outcome.skipped
+    assert all(" - at `$.entry[" in reason for reason in parsed.skipped)
+    if outcome.status == "ignored":
+        assert parsed.pages == [] and parsed.items == []
+    else:
+        assert parsed.pages and set(parsed.pages) <= {PAGE, PAGE2}
     for page, record in parsed.items:
         assert page.isdigit()
         assert record.sender_id.isdigit() and record.sender_id != page
@@ -61,20 +69,60 @@ def test_every_fixture_decodes_and_yields_storable_records(name: str) -> None:
         assert record.message_count is None and record.unread_count is None
         for event in record.events:
             assert event.event_type in EVENT_TYPES
+            assert 10**12 < event.event_timestamp < 10**13  # milliseconds, whatever was sent
             # payloads are stored as JSON: they must survive a round trip unchanged
             assert json.loads(json.dumps(event.payload)) == event.payload
 
 
-def test_invalid_timestamp_fails_with_its_json_path() -> None:
-    with pytest.raises(msgspec.ValidationError) as info:
-        decode_webhook((FIXTURES / "invalid_timestamp.json").read_bytes())
-    assert "$.entry[0].messaging[0].timestamp" in str(info.value)
-    assert "Expected `int`, got `str`" in str(info.value)
+def test_outer_shape_failure_names_its_path() -> None:
+    with pytest.raises(InvalidWebhook) as info:
+        read_webhook(fixture("invalid_outer_shape.json"))
+    assert str(info.value) == "Invalid webhook body: Expected `array`, got `object` - at `$.entry`"
 
 
-def test_garbage_is_a_decode_error() -> None:
-    with pytest.raises(msgspec.DecodeError):
-        decode_webhook(b"{not json")
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "Malformed webhook body: JSON is malformed"),
+        (b"", "Malformed webhook body: Input data was truncated"),
+        (b"[]", "Invalid webhook body: Expected `object`, got `array` - at `$`"),
+        (b'{"entry": []}', "Invalid webhook body: Object missing required field `object` - at `$`"),
+        (b'{"object": 7, "entry": []}', "Invalid webhook body: Expected `str`, got `int` - at `$.object`"),
+        (
+            b'{"object": "page", "entry": [7]}',
+            "Invalid webhook body: Expected `object`, got `int` - at `$.entry[0]`",
+        ),
+        (
+            b'{"object": "page", "entry": [{"time": 1}]}',
+            "Invalid webhook body: Object missing required field `id` - at `$.entry[0]`",
+        ),
+        (
+            b'{"object": "page", "entry": [{"id": "1", "messaging": {}}]}',
+            "Invalid webhook body: Expected `array`, got `object` - at `$.entry[0].messaging`",
+        ),
+        (
+            b'{"object": "page", "entry": [{"id": 1.5}]}',
+            "Invalid webhook body: Expected `int | str`, got `float` - at `$.entry[0].id`",
+        ),
+    ],
+)
+def test_unreadable_bodies_are_invalid_with_their_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(InvalidWebhook) as info:
+        read_webhook(raw)
+    assert str(info.value).startswith(reason)
+
+
+def test_deep_nesting_is_invalid_not_a_recursion_error() -> None:
+    with pytest.raises(InvalidWebhook) as info:
+        read_webhook(nested_body(100_000))
+    assert "nested too deeply" in str(info.value)
+
+
+def test_other_objects_are_not_read_past_the_envelope() -> None:
+    parsed = read_webhook(b'{"object": "user", "entry": {"not": "a list"}}')
+    assert (parsed.object, parsed.items, parsed.pages) == ("user", [], [])
+    parsed = parse("object_instagram.json")
+    assert parsed.object == "instagram" and parsed.items == []
 
 
 def test_message_text() -> None:
@@ -108,7 +156,7 @@ def test_echo_belongs_to_the_recipient() -> None:
     assert event.event_type == "message_sent"
     assert (event.message_id or "").startswith("m_AbC3")
     assert event.content == "¡Hola! Te respondemos en unos minutos."
-    assert event.payload == {"app_id": 1517776481860111, "metadata": "crm:ticket-4821"}
+    assert event.payload == {"app_id": "1517776481860111", "metadata": "crm:ticket-4821"}  # ids are strings
     assert record.last_message_time == event.event_timestamp
 
 
@@ -215,7 +263,7 @@ def test_standby_is_processed() -> None:
     [(page, record)] = parsed.items
     assert page == PAGE and record.sender_id == C
     assert [e.event_type for e in record.events] == ["message_received", "message_sent"]
-    assert record.events[1].payload["app_id"] == 263902037430900
+    assert record.events[1].payload["app_id"] == "263902037430900"
     assert record.last_message == "Sí, en 3\u20135 días."
 
 
@@ -258,22 +306,18 @@ def test_last_message_ignores_arrival_order() -> None:
     older = {
         "sender": {"id": A},
         "recipient": {"id": PAGE},
-        "timestamp": 2000,
+        "timestamp": 1_732_900_002_000,
         "message": {"mid": "m_old", "text": "old"},
     }
     newer = {
         "sender": {"id": A},
         "recipient": {"id": PAGE},
-        "timestamp": 3000,
+        "timestamp": 1_732_900_003_000,
         "message": {"mid": "m_new", "text": "new"},
     }
-    body = {
-        "object": "page",
-        "entry": [{"id": PAGE, "time": 4000, "messaging": [newer, older]}],
-    }
-    [(_, record)] = webhook_records(decode_webhook(json.dumps(body).encode())).items
+    [(_, record)] = read_webhook(item_body(newer, older)).items
     assert [e.message_id for e in record.events] == ["m_new", "m_old"]
-    assert (record.last_message, record.last_message_time) == ("new", 3000)
+    assert (record.last_message, record.last_message_time) == ("new", 1_732_900_003_000)
 
 
 def test_unknown_kinds_are_counted_not_errors() -> None:
