@@ -1,20 +1,20 @@
-"""The Messenger Sync Service: the ASGI app and its command line.
+"""The Messenger Sync Service: the ASGI app (`uvicorn app:app`) and its command line (`python app.py`).
 
 uvicorn app:app --http h11 --h11-max-incomplete-event-size 65536 --timeout-graceful-shutdown 5
-                                         serve (configuration from the environment / .env; the
-                                         flags are routes.limits.SERVER_FLAGS: the header limit
-                                         and the shutdown deadline)
-python app.py serve [--host H] [--port P]  the same, with the same options
-python app.py migrate                    apply pending migrations
-python app.py create-api-key USER        print a new key for USER (stored hashed)
-python app.py sync PAGE_ID               sync a page from the terminal until it is done
-python app.py replay-webhooks            apply failed and invalid inbox rows again
+    the service (configuration from the environment / .env; the flags are routes.limits.SERVER_FLAGS:
+    the header limit and the shutdown deadline); `python app.py serve` runs the same
+python app.py COMMAND
+    serve, worker, status, sync PAGE_ID, replay-webhooks, migrate, api-keys create|list|revoke,
+    create-api-key USER: see core/cli.py
+
+create_app(settings) builds the app; its lifespan opens what core.services.running_services
+provides (storage, the Graph client through the rate-limit pool, the sync engine, the inbox writer,
+the applier, the scheduler) as one typed `Services`, which handlers read with
+routes.common.services(request).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -31,17 +31,14 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ServiceError
+from core.logging import bind_request_id, configure_logging, request_id_var
 from core.metrics import Metrics
+from core.services import running_services
 from core.settings import ConfigError, Settings
-from routes import admin, auth, conversations, dashboard, ops, pages, stream, sync, webhook
+from routes import admin, conversations, dashboard, docs, ops, pages, stream, sync, webhook
 from routes.common import JSON
-from routes.limits import SERVER_OPTIONS, HTTPLimits
-from routes.stream import StreamSlots
-from storage import Storage, open_storage
-from sync.engine import SyncEngine
-from sync.graph_client import GRAPH_TIMEOUT, GraphClient
-from webhook.applier import Applier
-from webhook.intake import InboxWriter
+from routes.limits import HTTPLimits
+from schema.responses import ErrorBody, error_body
 
 log = logging.getLogger("messenger_sync")
 
@@ -75,6 +72,7 @@ class RequestContext:
             return
         request_id = f"{self._prefix}-{next(self._ids):x}"
         scope.setdefault("state", {})["request_id"] = request_id
+        token = bind_request_id(request_id)  # every log line of this request carries it
         status = 500
         started = time.perf_counter()
 
@@ -94,23 +92,20 @@ class RequestContext:
             count, latency = self._metrics_for(scope["method"], route, status)
             count.inc()
             latency.observe(time.perf_counter() - started)
+            request_id_var.reset(token)
 
 
 async def service_error(request: Request, exc: Exception) -> JSON:
     """Our own errors: their status and the SPEC's JSON shape."""
     assert isinstance(exc, ServiceError)
-    return JSON(exc.to_json(), status_code=exc.status_code)
+    return JSON(error_body(exc.message, exc.code, exc.extra), status_code=exc.status_code)
 
 
 async def http_error(request: Request, exc: Exception) -> JSON:
     """Starlette's 404/405/...: the same JSON shape."""
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSON(
-        {"success": False, "error": str(exc.detail), "code": code},
-        status_code=exc.status_code,
-        headers=exc.headers,
-    )
+    return JSON(ErrorBody(error=str(exc.detail), code=code), status_code=exc.status_code, headers=exc.headers)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSON:
@@ -118,12 +113,7 @@ async def unexpected_error(request: Request, exc: Exception) -> JSON:
     request_id = getattr(request.state, "request_id", "-")
     log.exception("unhandled error in %s %s [request %s]", request.method, request.url.path, request_id)
     return JSON(
-        {
-            "success": False,
-            "error": "Internal server error",
-            "code": "internal_error",
-            "requestId": request_id,
-        },
+        ErrorBody(error="Internal server error", code="internal_error", request_id=request_id),
         status_code=500,
         headers={"x-request-id": request_id},  # this handler answers outside RequestContext
     )
@@ -139,39 +129,13 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         log.info("starting: %s", settings.describe())
-        storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         try:
-            await storage.migrate()
-            async with httpx.AsyncClient(
-                base_url=settings.graph_api_url, timeout=GRAPH_TIMEOUT, transport=graph_transport
-            ) as http:
-                inbox = InboxWriter(storage, settings, metrics)
-                applier = Applier(storage, settings, metrics, intake_saturated=inbox.saturated)
-                inbox.on_commit = applier.notify
-                await inbox.start()
-                if settings.applier_enabled:
-                    await applier.start()
-                sync_engine = SyncEngine(storage, GraphClient(http), settings, metrics)
-                try:
-                    yield {
-                        "settings": settings,
-                        "http": http,
-                        "storage": storage,
-                        "metrics": metrics,
-                        "env_keys": auth.hashed_env_keys(settings.api_keys),
-                        "sync": sync_engine,
-                        "streams": StreamSlots(),
-                        "inbox": inbox,
-                        "applier": applier,
-                    }
-                finally:
-                    # Before storage closes: running syncs stop and give their locks back, instead
-                    # of leaving their pages locked for the lease's whole TTL.
-                    await sync_engine.aclose()
-                    await applier.stop()
-                    await inbox.stop()
+            async with running_services(
+                settings, metrics=metrics, graph_transport=graph_transport
+            ) as services:
+                yield {"services": services}
         finally:
-            await storage.close()
+            metrics.close()
 
     app = Starlette(
         # The webhook first: it is the hot path, and the router tries routes in order.
@@ -184,6 +148,7 @@ def create_app(
             *stream.routes,
             *admin.routes,
             *dashboard.routes,
+            *docs.routes,
         ],
         exception_handlers={
             ServiceError: service_error,
@@ -198,86 +163,29 @@ def create_app(
     return app
 
 
-# --- command line --------------------------------------------------------------------------
-
-
-async def _with_storage(settings: Settings) -> Storage:
-    storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
-    await storage.migrate()
-    return storage
-
-
-async def _migrate(settings: Settings) -> int:
-    storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
-    try:
-        applied = await storage.migrate()
-    finally:
-        await storage.close()
-    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
-    return 0
-
-
-async def _create_api_key(settings: Settings, user: str) -> int:
-    storage = await _with_storage(settings)
-    try:
-        key = auth.new_key()
-        await storage.add_api_key(user, auth.hash_key(key))
-    finally:
-        await storage.close()
-    print(key)
-    print(f"(API key for {user}; it is stored hashed and will not be shown again)", file=sys.stderr)
-    return 0
+# --- `uvicorn app:app` and `python app.py` -------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python app.py", description="Messenger Sync Service")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP service (uvicorn app:app)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    sub.add_parser("migrate", help="apply pending database migrations")
-    key = sub.add_parser("create-api-key", help="create an API key for a user (shown once)")
-    key.add_argument("user")
-    sync_cmd = sub.add_parser("sync", help="sync a page from the terminal, resuming until done")
-    sync_cmd.add_argument("page_id", help="the pageId returned by POST /api/pages")
-    sync_cmd.add_argument("--mode", choices=["incremental", "full"], default=None)
-    sub.add_parser("replay-webhooks", help="apply failed and invalid inbox rows again")
-    args = parser.parse_args(argv)
+    """The command line: core/cli.py."""
+    from core.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+def _module_app() -> Starlette:
+    """The app `uvicorn app:app` serves: settings from the environment, logging configured once."""
     try:
         settings = Settings.from_env()
-    except ConfigError as exc:
+    except ConfigError as exc:  # bad configuration: one line, not a traceback
         print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+        sys.exit(2)
+    # uvicorn configured its loggers before importing us: hand them to our handler and format.
+    configure_logging(settings.log_format)
+    return create_app(settings)
 
-    if args.command == "serve":
-        import uvicorn
-
-        uvicorn.run("app:app", host=args.host, port=args.port, proxy_headers=True, **SERVER_OPTIONS)
-        return 0
-    if args.command == "migrate":
-        return asyncio.run(_migrate(settings))
-    if args.command == "create-api-key":
-        return asyncio.run(_create_api_key(settings, args.user))
-    if args.command == "sync":
-        from sync.command import run_sync_command
-
-        return asyncio.run(run_sync_command(settings, args.page_id, args.mode))
-    if args.command == "replay-webhooks":
-        from webhook.applier import run_replay_command
-
-        return asyncio.run(run_replay_command(settings))
-    parser.error(f"unknown command {args.command}")
-    return 2
-
-
-# `uvicorn app:app`: our own INFO lines (sync outcomes, webhook batches) beside uvicorn's.
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-try:
-    app = create_app()
-except ConfigError as exc:  # `uvicorn app:app` with bad configuration: one line, not a traceback
-    print(f"configuration error: {exc}", file=sys.stderr)
-    sys.exit(2)
 
 if __name__ == "__main__":
     sys.exit(main())
+
+app = _module_app()

@@ -138,8 +138,8 @@ async def full_sync(graph_url: str, database_url: str) -> tuple[float, int]:
             synced = 0
             while True:
                 result = await engine.sync("bench", request)
-                synced += result["synced"]
-                if not result["hasMore"]:
+                synced += result.synced
+                if not result.has_more:
                     return time.perf_counter() - started, synced
     finally:
         await storage.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 
 from pythonjsonlogger.json import JsonFormatter
@@ -27,6 +28,31 @@ JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 # Loggers whose routine lines would drown ours (one line per Graph request).
 QUIET_LOGGERS = ("httpx", "httpcore")
+
+
+# Query parameters whose values are secrets (the webhook's verify token; Graph-style tokens): an
+# access line shows them as [redacted].
+SECRET_PARAMS = re.compile(
+    r"((?:^|[?&])(?:hub\.verify_token|access_token|api_key|key)=)[^&\s]*", re.IGNORECASE
+)
+
+
+def redact_query(path: str) -> str:
+    """`path` with the values of secret query parameters replaced by [redacted]."""
+    return SECRET_PARAMS.sub(r"\1[redacted]", path) if "=" in path else path
+
+
+class AccessRedactFilter(logging.Filter):
+    """Access lines (uvicorn.access: client, method, path with query, version, status) without the
+    values of secret query parameters: GET /api/webhook carries the verify token in its query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) >= 3:
+            args = list(record.args)
+            if isinstance(args[2], str):
+                args[2] = redact_query(args[2])
+                record.args = tuple(args)
+        return True
 
 
 class RequestIdFilter(logging.Filter):
@@ -54,6 +80,7 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     """Send every logger (ours, uvicorn's, access lines) to one stderr handler in `log_format`."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(AccessRedactFilter())
     if log_format == "json":
         handler.setFormatter(_json_formatter())
     else:
@@ -75,4 +102,3 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
 def bind_request_id(request_id: str | None) -> contextvars.Token[str | None]:
     """Make `request_id` the current request's id for log records (returns the reset token)."""
     return request_id_var.set(request_id)
-

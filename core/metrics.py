@@ -1,8 +1,27 @@
-"""Prometheus metrics, one registry per app (no process-wide globals)."""
+"""Prometheus metrics, one registry per app (no process-wide globals).
+
+Across the workers of one server (``uvicorn --workers N``): with PROMETHEUS_MULTIPROC_DIR set
+(an empty directory, one per server start, writable by every worker) prometheus-client keeps
+each process's values in files there, and ``render()`` answers /metrics with the sum over every
+worker, whichever worker serves the request (MultiProcessCollector). Without it each process
+counts alone, which is right for one worker per container (scale with replicas; the monitoring
+system adds replicas up). Gauges say how to combine: a gauge every worker reads from the same
+database (the inbox backlog) takes the most recent reading.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as _multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus-client's multiprocess mode, if it is on in this process."""
+    return os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()) or None
 
 
 class Metrics:
@@ -60,5 +79,21 @@ class Metrics:
             registry=r,
         )
         self.webhook_pending = Gauge(
-            "webhook_inbox_pending", "Pending inbox rows seen by the applier", registry=r
+            "webhook_inbox_pending",
+            "Pending inbox rows seen by the applier",
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
+
+    def render(self) -> bytes:
+        """The Prometheus text of every metric: this process's, or every worker's (see above)."""
+        if multiprocess_dir() is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]  # untyped upstream
+        return generate_latest(combined)
+
+    def close(self) -> None:
+        """This process stops: its live gauges leave the multiprocess files (a no-op otherwise)."""
+        if multiprocess_dir() is not None:
+            _multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # untyped upstream

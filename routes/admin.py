@@ -13,66 +13,19 @@ from __future__ import annotations
 
 import logging
 
-import msgspec
 from starlette.requests import Request
 from starlette.routing import Route
 
 from core.errors import NotFound
 from routes.auth import is_admin, require_admin, require_user
-from routes.common import JSON, query_int
+from routes.common import JSON, query_int, services
+from schema.responses import InboxError, InboxHealth, Me, MinuteEvents, PageActivity, Replayed
 
 log = logging.getLogger(__name__)
 
 RECENT_ERRORS = 20
 MAX_ACTIVITY_MINUTES = 24 * 60
 REPLAY_STATUSES = ("failed", "invalid")
-
-
-class Me(msgspec.Struct, rename="camel"):
-    """GET /api/me."""
-
-    user: str
-    admin: bool
-
-
-class MinuteEvents(msgspec.Struct, rename="camel"):
-    """Events stored for a page in one minute; `minute` is the minute's start (ms)."""
-
-    minute: int
-    events: int
-
-
-class PageActivity(msgspec.Struct, rename="camel"):
-    """GET /api/pages/{pageId}/activity: oldest minute first, minutes without events included."""
-
-    per_minute: list[MinuteEvents]
-
-
-class InboxError(msgspec.Struct, rename="camel"):
-    """A failed or invalid inbox row: what went wrong, never the body."""
-
-    id: int
-    status: str
-    error: str | None
-    received_at: int
-
-
-class InboxHealth(msgspec.Struct, rename="camel"):
-    """GET /api/admin/inbox."""
-
-    pending: int
-    applied: int
-    ignored: int
-    failed: int
-    invalid: int
-    oldest_pending_at: int | None
-    recent_errors: list[InboxError]
-
-
-class Replayed(msgspec.Struct, rename="camel"):
-    """POST /api/admin/inbox/replay."""
-
-    requeued: int
 
 
 async def me(request: Request) -> JSON:
@@ -85,7 +38,7 @@ async def page_activity(request: Request) -> JSON:
     """Events per minute for one of the user's pages (404 for another user's or an unknown page)."""
     user = await require_user(request)
     minutes = query_int(request, "minutes", 60, 1, MAX_ACTIVITY_MINUTES)
-    storage = request.state.storage
+    storage = services(request).storage
     page_id = request.path_params["page_id"]
     if await storage.get_page(user, page_id) is None:
         raise NotFound("Page not found")
@@ -96,7 +49,7 @@ async def page_activity(request: Request) -> JSON:
 async def inbox_health(request: Request) -> JSON:
     """Inbox rows by status, the oldest pending arrival and the last failed/invalid rows."""
     await require_admin(request)
-    storage = request.state.storage
+    storage = services(request).storage
     counts = await storage.webhook_status_counts()
     errors = await storage.recent_webhook_errors(RECENT_ERRORS)
     return JSON(
@@ -121,11 +74,11 @@ async def replay_inbox(request: Request) -> JSON:
     on its next poll.
     """
     user = await require_admin(request)
-    requeued = await request.state.storage.requeue_webhooks(list(REPLAY_STATUSES))
+    found = services(request)
+    requeued = await found.storage.requeue_webhooks(list(REPLAY_STATUSES))
     log.info("inbox replay by %s: %d rows back to pending", user, requeued)
-    applier = getattr(request.state, "applier", None)
-    if requeued and applier is not None:
-        applier.notify()
+    if requeued:
+        found.applier.notify()  # a no-op where this process runs no applier
     return JSON(Replayed(requeued=requeued))
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from core.errors import BadRequest, PayloadTooLarge, ValidationFailed
+
+if TYPE_CHECKING:  # core.services imports the route modules' helpers: no import cycle at run time
+    from core.services import Services
 
 T = TypeVar("T")
 
@@ -35,6 +38,11 @@ class JSON(Response):
 
     def render(self, content: Any) -> bytes:
         return _encoder.encode(content)
+
+
+def services(request: Request) -> Services:
+    """What the lifespan provides (core.services.Services), for a request handler."""
+    return cast("Services", request.state.services)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -67,7 +75,7 @@ def decode_json(body: bytes, type_: type[T]) -> T:
 
 async def read_json(request: Request, type_: type[T]) -> T:
     """Read, bound and decode a JSON request body."""
-    return decode_json(await read_body(request, request.state.settings.max_body_bytes), type_)
+    return decode_json(await read_body(request, services(request).settings.max_body_bytes), type_)
 
 
 def ascii_int(raw: str | None) -> int | None:

@@ -3,7 +3,9 @@
 Each message carries the event's JSON as `data` and its id as `id`, so a client that
 reconnects with `Last-Event-ID` (browsers do it on their own) resumes after the last event
 it saw. The stream reads the database, not process memory, so an event written by any
-replica reaches every subscriber.
+replica reaches every subscriber. A commit of the page's events wakes the stream at once
+(`storage.subscribe_events`: in this process, and from other replicas on PostgreSQL with a
+LISTEN connection); polling every POLL_SECONDS stays as the fallback.
 
 On PostgreSQL, ids come from a sequence and transactions commit in any order: an event with
 a lower id may become visible after a higher one was sent. So each poll also looks again at
@@ -19,12 +21,10 @@ reconnects with Last-Event-ID (SSE clients do it on their own) and misses nothin
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -34,8 +34,10 @@ from starlette.types import Receive, Scope, Send
 
 from core.errors import BadRequest, DatabaseUnavailable, NotFound, TooManyStreams
 from routes.auth import hash_key, require_user
-from routes.common import ascii_int, query_id
+from routes.common import ascii_int, query_id, services
+from routes.conversations import event_body
 from storage import Storage
+from storage.rows import EventRow
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,9 @@ MAX_STREAMS_PER_KEY = 20  # the SPEC's limit, per API key and process
 _encode = msgspec.json.Encoder().encode
 
 
-def format_event(event: dict[str, Any]) -> bytes:
-    """One SSE message: `id:` and `data:` lines, then a blank line."""
-    return b"id: %d\ndata: %s\n\n" % (event["id"], _encode(event))
+def format_event(event: EventRow) -> bytes:
+    """One SSE message: `id:` and `data:` lines (the event's JSON, as the API shows it), then a blank line."""
+    return b"id: %d\ndata: %s\n\n" % (event.id, _encode(event_body(event)))
 
 
 async def event_stream(
@@ -67,33 +69,38 @@ async def event_stream(
     marks: deque[tuple[float, int]] = deque()  # (when, last) snapshots: where late ids can hide
     sent: set[int] = set()  # ids sent since the oldest snapshot
     quiet_since = time.monotonic()
-    while True:
-        now = time.monotonic()
-        marks.append((now, last))
-        while len(marks) > 1 and now - marks[1][0] > LATE_WINDOW_SECONDS:
-            marks.popleft()
-        floor = marks[0][1]  # what had been sent a window ago: later commits hide above it
-        sent = {i for i in sent if i > floor}
-        try:
-            late = await storage.events_after(page_id, floor, BATCH, until_id=last) if last > floor else []
-            fresh = await storage.events_after(page_id, last, BATCH)
-        except DatabaseUnavailable:
-            # Keep the connection (and the heartbeat) through the outage, and go on from `last`.
-            late = fresh = []
-        out = [e for e in late if e["id"] not in sent] + fresh
-        for event in out:
-            sent.add(event["id"])
-            yield format_event(event)
-        if fresh:
-            last = fresh[-1]["id"]
-        if out:
-            quiet_since = now
-            if len(fresh) == BATCH:
-                continue
-        elif now - quiet_since >= heartbeat_seconds:
-            quiet_since = now
-            yield b": keep-alive\n\n"
-        await asyncio.sleep(poll_seconds)
+    with storage.subscribe_events(page_id) as woken:
+        while True:
+            now = time.monotonic()
+            marks.append((now, last))
+            while len(marks) > 1 and now - marks[1][0] > LATE_WINDOW_SECONDS:
+                marks.popleft()
+            floor = marks[0][1]  # what had been sent a window ago: later commits hide above it
+            sent = {i for i in sent if i > floor}
+            try:
+                late = (
+                    await storage.events_after(page_id, floor, BATCH, until_id=last) if last > floor else []
+                )
+                fresh = await storage.events_after(page_id, last, BATCH)
+            except DatabaseUnavailable:
+                # Keep the connection (and the heartbeat) through the outage, and go on from `last`.
+                late = fresh = []
+            out = [e for e in late if e.id not in sent] + fresh
+            for event in out:
+                sent.add(event.id)
+                yield format_event(event)
+            if fresh:
+                last = fresh[-1].id
+            if out:
+                quiet_since = now
+                if len(fresh) == BATCH:
+                    continue
+            elif now - quiet_since >= heartbeat_seconds:
+                quiet_since = now
+                yield b": keep-alive\n\n"
+            # A commit of the page's events (in this process, or any replica with a listener)
+            # wakes the stream at once; the poll is the fallback.
+            await woken.wait(poll_seconds)
 
 
 def _start_after(request: Request) -> int | None:
@@ -162,7 +169,8 @@ async def stream_events(request: Request) -> StreamingResponse:
     """Subscribe to a page's events; resumes after Last-Event-ID, else starts with new ones."""
     user = await require_user(request)
     page_id = query_id(request, "pageId")
-    storage: Storage = request.state.storage
+    found = services(request)
+    storage = found.storage
     if await storage.get_page(user, page_id) is None:
         raise NotFound("Page not found")
     after = _start_after(request)
@@ -170,7 +178,7 @@ async def stream_events(request: Request) -> StreamingResponse:
         after = await storage.last_event_id(page_id)
     # require_user accepted the header, so it holds a bearer key: count the streams by its hash.
     key = request.headers["authorization"].partition(" ")[2].strip()
-    release = request.state.streams.take(hash_key(key))
+    release = found.streams.take(hash_key(key))
     return EventStreamResponse(event_stream(storage, page_id, after), release)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import TYPE_CHECKING
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
@@ -21,9 +22,13 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from core.errors import PayloadTooLarge, ServiceError, Unauthorized, WebhookNotConfigured
-from routes.common import JSON
+from routes.common import JSON, services
+from schema.responses import ErrorBody
 from storage.base import InboxBody
 from webhook.signature import SIGNATURE_HEADER, verify
+
+if TYPE_CHECKING:
+    from core.services import Services
 
 _RECEIVED = b"EVENT_RECEIVED"
 _SIGNATURE_HEADER = SIGNATURE_HEADER.lower().encode()
@@ -33,7 +38,7 @@ _RECEIVED_HEADERS = [(b"content-type", b"text/plain; charset=utf-8"), (b"content
 async def verify_subscription(request: Request) -> Response:
     """GET /api/webhook: echo hub.challenge when mode and verify token match; 403 otherwise."""
     params = request.query_params
-    expected = request.state.settings.fb_verify_token
+    expected = services(request).settings.fb_verify_token
     token = params.get("hub.verify_token", "")
     challenge = params.get("hub.challenge")
     if (
@@ -43,10 +48,7 @@ async def verify_subscription(request: Request) -> Response:
         and hmac.compare_digest(token.encode(), str(expected).encode())
     ):
         return PlainTextResponse(challenge)
-    return JSON(
-        {"success": False, "error": "Webhook verification failed", "code": "forbidden"},
-        status_code=403,
-    )
+    return JSON(ErrorBody(error="Webhook verification failed", code="forbidden"), status_code=403)
 
 
 class ReceiveEvent:
@@ -59,9 +61,9 @@ class ReceiveEvent:
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope["state"]
-        counter = state["metrics"].webhook_received
-        settings = state["settings"]
+        found: Services = scope["state"]["services"]
+        counter = found.metrics.webhook_received
+        settings = found.settings
         try:
             if settings.fb_app_secret is None:
                 raise WebhookNotConfigured("Webhook app secret (FB_APP_SECRET) is not configured")
@@ -75,7 +77,8 @@ class ReceiveEvent:
             if not verify(str(settings.fb_app_secret).encode(), body, signature):
                 raise Unauthorized("Missing or invalid X-Hub-Signature-256")
             # Stored unread, whatever its shape: the applier reads it (and keeps it if it cannot).
-            await state["inbox"].submit(InboxBody(body=body, body_sha256=hashlib.sha256(body).hexdigest()))
+            assert found.inbox is not None  # the HTTP app always runs its inbox writer
+            await found.inbox.submit(InboxBody(body=body, body_sha256=hashlib.sha256(body).hexdigest()))
         except ServiceError as exc:
             counter.labels(exc.code).inc()
             raise

@@ -7,11 +7,20 @@ since the epoch, taken from the database's clock wherever they decide anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from core.records import ConversationRecord
+from storage.rows import ActiveSyncRow, ConversationRow, EventRow, SyncStatisticsRow
+
+if TYPE_CHECKING:  # they import this module's dataclasses (or the engine, which does)
+    from storage.activity import InboxError, MinuteCount
+    from storage.inbox import Transaction
+    from storage.keys import ApiKeyRow
+    from storage.notify import Subscription
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -26,17 +35,6 @@ class Page:
     created_at: int
     updated_at: int
     access_token: str = field(repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        """The public view of a page: never the token."""
-        return {
-            "pageId": self.id,
-            "facebookPageId": self.facebook_page_id,
-            "name": self.name,
-            "tokenStatus": self.token_status,
-            "createdAt": self.created_at,
-            "updatedAt": self.updated_at,
-        }
 
 
 @dataclass(frozen=True)
@@ -106,39 +104,19 @@ class InboxBody:
     error: str | None = None
 
 
-@dataclass
-class ApplyReport:
-    """What one pass of the applier did to the inbox."""
-
-    claimed: int = 0
-    applied: int = 0
-    ignored: int = 0
-    invalid: int = 0
-    counts: WriteCounts = field(default_factory=WriteCounts)
-    received_at: list[int] = field(default_factory=list)  # of the rows applied (ms; for the lag metric)
-
-
-@dataclass(frozen=True)
-class ParsedInboxBody:
-    """What the applier read from one inbox body, for storage to apply.
-
-    A row ends `applied` when one of `pages` is registered (even if all its items were of
-    kinds not stored), else `ignored`; `error` (items skipped, with their JSON paths) is kept
-    on the row either way.
-    """
-
-    items: Sequence[tuple[str, ConversationRecord]] = ()  # (facebook page id, record)
-    pages: Sequence[str] = ()  # facebook page ids the body has messaging items for
-    unsent: Sequence[tuple[str, str, str]] = ()  # (facebook page id, contact, mid): content to drop
-    error: str | None = None
-
-
-# Reads an inbox body; raises on a body it cannot read (the row ends `invalid` with the message).
-WebhookParser = Callable[[bytes], ParsedInboxBody]
-
-
 class Storage(Protocol):
     """The one storage interface; `storage.open_storage(url)` picks the engine."""
+
+    # composing primitives (business rules outside storage, e.g. webhook/apply.py)
+    async def run_interaction(self, desc: str, fn: Callable[[Transaction], Awaitable[T]]) -> T:
+        """Run fn(txn) in one write transaction (again on a transient failure); fn awaits only txn."""
+
+    # wake-ups (storage/notify.py): a Subscription's `wait(seconds)` returns early after a commit
+    def subscribe_events(self, page_id: str) -> Subscription:
+        """Woken when events of the page row are committed (by any replica, with a listener)."""
+
+    def subscribe_inbox(self) -> Subscription:
+        """Woken when pending rows are committed to the webhook inbox (by any replica, with a listener)."""
 
     # life cycle
     async def migrate(self) -> list[str]:
@@ -151,9 +129,6 @@ class Storage(Protocol):
         """Close every connection."""
 
     # api keys
-    async def add_api_key(self, user_id: str, key_hash: str) -> None:
-        """Store a hashed API key for a user."""
-
     async def user_for_key_hash(self, key_hash: str) -> str | None:
         """The user a hashed key belongs to, or None."""
 
@@ -162,9 +137,6 @@ class Storage(Protocol):
         self, user_id: str, facebook_page_id: str, access_token: str, name: str | None
     ) -> tuple[Page, bool]:
         """Create or update (token, name; token_status back to valid) a user's page; True if created."""
-
-    async def list_pages(self, user_id: str) -> list[Page]:
-        """The user's pages, oldest first."""
 
     async def get_page(self, user_id: str, page_id: str) -> Page | None:
         """One of the user's pages, or None (also for another user's page)."""
@@ -207,32 +179,24 @@ class Storage(Protocol):
         """One transaction: the conversations, their events and the next cursor (fenced)."""
 
     # conversations
-    async def write_conversations(self, page_id: str, records: Sequence[ConversationRecord]) -> WriteCounts:
-        """Upsert conversation records and their events for one page row, in one transaction."""
-
-    async def update_conversation(
-        self, conversation_id: int, expected_version: int, changes: dict[str, Any]
-    ) -> bool:
-        """Compare-and-set: apply changes and bump version only if version is still expected."""
-
-    async def get_conversation(self, user_id: str, conversation_id: int) -> dict[str, Any] | None:
+    async def get_conversation(self, user_id: str, conversation_id: int) -> ConversationRow | None:
         """A conversation of one of the user's pages, or None."""
 
     async def list_conversations(
         self, page_id: str, limit: int, after: tuple[int, int] | None
-    ) -> list[dict[str, Any]]:
+    ) -> list[ConversationRow]:
         """Newest first by (last_message_time, id), strictly after the keyset position."""
 
     async def list_events(
         self, conversation_id: int, limit: int, after: tuple[int, int] | None
-    ) -> list[dict[str, Any]]:
+    ) -> list[EventRow]:
         """Newest first by (event_timestamp, id), strictly after the keyset position."""
 
     # monitoring
-    async def active_syncs(self, user_id: str) -> list[dict[str, Any]]:
+    async def active_syncs(self, user_id: str) -> list[ActiveSyncRow]:
         """The user's pages whose sync lock is live (the seed's active_syncs)."""
 
-    async def sync_statistics(self, user_id: str) -> list[dict[str, Any]]:
+    async def sync_statistics(self, user_id: str) -> list[SyncStatisticsRow]:
         """Per page counts and sync progress (the seed's sync_statistics)."""
 
     # event stream
@@ -241,17 +205,12 @@ class Storage(Protocol):
 
     async def events_after(
         self, page_id: str, after_id: int, limit: int, until_id: int | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[EventRow]:
         """A page's events with after_id < id (<= until_id), in id order."""
 
     # webhook inbox
     async def record_webhook_batch(self, bodies: Sequence[InboxBody]) -> None:
         """Commit raw bodies to the inbox in one transaction; a body already there is a no-op."""
-
-    async def apply_webhook_batch(
-        self, parse: WebhookParser, limit: int, ids: Sequence[int] | None = None
-    ) -> ApplyReport:
-        """Claim pending rows (or just `ids`), apply their events, mark them; one transaction."""
 
     async def mark_webhook_failed(self, ids: Sequence[int], error: str) -> None:
         """Mark inbox rows failed with the error (outside the failed transaction)."""
@@ -291,9 +250,6 @@ class Storage(Protocol):
     ) -> ScheduleEntry | None:
         """Count a failure and back off min(base * 2**(failures-1), cap) from now; None if page gone."""
 
-    async def get_schedule(self, page_id: str) -> ScheduleEntry | None:
-        """The page's schedule row, if the scheduler ever ran it."""
-
     async def page_sync_facts(
         self,
         user_id: str | None,
@@ -323,6 +279,32 @@ class Storage(Protocol):
         self, user_id: str, conversation_id: int, contacts_of: BodyContacts, batch: int = 500
     ) -> bool:
         """Delete a conversation of the user's, its events and the inbox rows carrying only its contact."""
+
+    # ---- stored API keys (issue 10; storage/keys.py) ----
+    async def create_api_key(self, user_id: str, key_hash: str) -> ApiKeyRow:
+        """Store a hashed key for a user; its row (the id is what `api-keys revoke` takes)."""
+
+    async def list_api_keys(self) -> list[ApiKeyRow]:
+        """Every stored key, oldest first (never a hash)."""
+
+    async def revoke_api_key(self, key_id: int) -> ApiKeyRow | None:
+        """Delete a stored key; the row it was, or None if there is none."""
+
+    async def touch_api_key(self, key_hash: str, every_ms: int = 60_000) -> bool:
+        """Record the key's use now, unless one was recorded less than every_ms ago."""
+
+    # ---- the dashboard's reads (storage/activity.py) ----
+    async def api_key_id(self, key_hash: str) -> int | None:
+        """The id of a stored key, or None (a key from API_KEYS has none)."""
+
+    async def events_per_minute(self, page_id: str, minutes: int) -> list[MinuteCount]:
+        """Events stored for the page in each of the last `minutes` minutes, oldest first."""
+
+    async def recent_webhook_errors(self, limit: int = 20) -> list[InboxError]:
+        """The newest failed and invalid inbox rows (never their bodies)."""
+
+    async def oldest_pending_webhook_at(self) -> int | None:
+        """When the oldest pending inbox row arrived, or None."""
 
 
 # Reads an inbox body: (facebook page id, contact PSID) of each item naming a contact; raises if unreadable.

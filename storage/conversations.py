@@ -14,7 +14,6 @@ Finding none costs one scan of each string (the payload: of its encoded JSON).
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +23,7 @@ import msgspec
 from core.records import MESSAGE_EVENT_TYPES, ConversationRecord, EventRecord
 from storage.base import WriteCounts
 from storage.engine import Conn
+from storage.notify import EVENTS
 
 # A conflicting version-checked update is retried this many times before giving up.
 CAS_ATTEMPTS = 8
@@ -271,6 +271,8 @@ async def write_records(
         )
         counts.events_inserted += n
         await _update_conversations(conn, page_id, merged, existing, inserted, counts)
+    if counts.events_inserted:
+        conn.notify(EVENTS, page_id)  # the page's event streams, on every replica
     return counts
 
 
@@ -398,6 +400,6 @@ async def _update_conversations(
         if not lost:
             return
         conflicted = [sid for sid, row in pending.items() if row["id"] in lost]
-        await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+        await conn.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         pending = await select_conversations(conn, page_id, conflicted)
     raise RuntimeError("conversation update kept conflicting; giving up")

@@ -1,9 +1,14 @@
-"""What the shared SQL needs from an engine (storage/sqlite.py, postgres.py), its retry rule, and
-what a database that cannot be reached looks like to the rest of the service.
+"""What the shared SQL needs from an engine (storage/sqlite.py, postgres.py), the one retry rule,
+and what a database that cannot be reached looks like to the rest of the service.
 
-Every connection an engine hands out comes from `transaction()`, `reader()`, `autocommit()` or
-`migration_transaction()`; each engine classifies a failure there (`is_unavailable`: refused,
-reset, restarting, disk full, locked past the busy timeout...) and raises
+Every write is a transaction function, `async def fn(conn)`, handed to `run_interaction(engine,
+desc, fn)` (synapse's `runInteraction`): the engine runs the whole function in one transaction
+(SQLite: on its writer thread, one hand-off per transaction) and `run_interaction` runs it again
+when the engine calls the failure transient (a deadlock, a serialization failure). A transaction
+function awaits nothing but its connection's methods, so it runs the same on both engines.
+
+Reads take a connection from `reader()`. Each engine classifies a failure (`is_unavailable`:
+refused, reset, restarting, disk full, locked past the busy timeout...) and raises
 `core.errors.DatabaseUnavailable` instead, which the app answers 503 `database_unavailable`.
 Nothing is cached about the outage: the next request tries again, so the service recovers on
 its own when the database is back.
@@ -12,16 +17,18 @@ its own when the database is back.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
 from core.errors import DatabaseUnavailable
+from storage.notify import Notifier
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Conn(Protocol):
@@ -45,23 +52,32 @@ class Conn(Protocol):
     async def run_script(self, script: str) -> None:
         """Run a migration script (several statements) inside the current transaction."""
 
+    async def sleep(self, seconds: float) -> None:
+        """Wait inside the transaction (SQLite: on the writer thread, which holds the write lock)."""
+
+    def notify(self, channel: str, key: str = "") -> None:
+        """Wake `channel` subscribers (of `key`) in every process once this transaction commits."""
+
+
+# A transaction function: the whole body of one write transaction (an `async def`).
+TxnFn = Callable[[Conn], Coroutine[Any, Any, T]]
+
 
 class Engine(Protocol):
     """What an engine gives the shared SQL."""
 
     name: str  # migration files ending .{name}.sql are this engine's
+    notifier: Notifier  # this process' subscribers; the engine publishes what its commits notify
 
-    def transaction(self) -> AbstractAsyncContextManager[Conn]:
-        """A write transaction (SQLite: BEGIN IMMEDIATE on the one writer)."""
+    async def transact(self, fn: TxnFn[T], *, single_statement: bool = False, migration: bool = False) -> T:
+        """Run `fn` in one write transaction, once; `run_interaction` is the caller.
+
+        `single_statement`: `fn` runs one statement, which may commit on its own (no BEGIN/COMMIT
+        around it). `migration`: the transaction also excludes other processes' migrations.
+        """
 
     def reader(self) -> AbstractAsyncContextManager[Conn]:
         """A connection for reads outside any write transaction."""
-
-    def migration_transaction(self) -> AbstractAsyncContextManager[Conn]:
-        """A write transaction that also excludes other processes' migrations."""
-
-    def autocommit(self) -> AbstractAsyncContextManager[Conn]:
-        """A connection on which each statement commits alone: for writes of one statement."""
 
     def is_transient(self, exc: Exception) -> bool:
         """Whether a failed transaction may succeed if simply run again (e.g. a deadlock)."""
@@ -71,6 +87,44 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Close every connection."""
+
+
+# A write transaction that fails transiently (a deadlock on PostgreSQL) is run this many times.
+TRANSIENT_ATTEMPTS = 4
+# Before running it again, wait a random time up to this, doubled at each attempt: two
+# transactions that deadlocked once should not meet again at once.
+TRANSIENT_BACKOFF_SECONDS = 0.02
+
+
+async def run_interaction(
+    engine: Engine, desc: str, fn: TxnFn[T], *, single_statement: bool = False, migration: bool = False
+) -> T:
+    """Run a write transaction, again when its failure was transient: every write goes through here.
+
+    On PostgreSQL two transactions that touch the same rows in different orders can deadlock, and
+    the server aborts one; under SERIALIZABLE a transaction can lose a race. Running the whole
+    function again is the cure (its statements were rolled back). SQLite's one writer has neither.
+    `desc` names the transaction in the log.
+    """
+    for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+        try:
+            return await engine.transact(fn, single_statement=single_statement, migration=migration)
+        except Exception as exc:
+            if attempt == TRANSIENT_ATTEMPTS or not engine.is_transient(exc):
+                raise
+            log.info("transaction %s failed transiently (%s); running it again", desc, type(exc).__name__)
+            await asyncio.sleep(random.uniform(0, TRANSIENT_BACKOFF_SECONDS * 2 ** (attempt - 1)))
+    raise AssertionError("unreachable")
+
+
+class Store:
+    """What every storage mixin has: the engine, and its one way to write."""
+
+    engine: Engine
+
+    async def _interaction(self, desc: str, fn: TxnFn[T], *, single_statement: bool = False) -> T:
+        """`run_interaction` on this store's engine."""
+        return await run_interaction(self.engine, desc, fn, single_statement=single_statement)
 
 
 class Availability:
@@ -96,30 +150,3 @@ class Availability:
         if self.down:
             self.down = False
             log.warning("%s database reachable again", self.engine_name)
-
-
-# A write transaction that fails transiently (a deadlock on PostgreSQL) is run this many times.
-TRANSIENT_ATTEMPTS = 4
-
-_M = TypeVar("_M", bound=Callable[..., Awaitable[Any]])
-
-
-def retry_transient(method: _M) -> _M:
-    """Run a whole write transaction again when the engine says its failure was transient.
-
-    On PostgreSQL two transactions that touch the same conversations in different orders can
-    deadlock; the server aborts one, and running it again is the cure. SQLite has none.
-    """
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        for attempt in range(TRANSIENT_ATTEMPTS):
-            try:
-                return await method(self, *args, **kwargs)
-            except Exception as exc:
-                if attempt + 1 == TRANSIENT_ATTEMPTS or not self.engine.is_transient(exc):
-                    raise
-                await asyncio.sleep(random.uniform(0, 0.02 * 2**attempt))
-        raise AssertionError("unreachable")
-
-    return wrapper  # type: ignore[return-value]

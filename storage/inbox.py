@@ -1,6 +1,15 @@
 """The webhook inbox (`webhook_events`): bodies recorded before the 200, then applied.
 
-A mixin of `SQLStorage`: the same engine, and the same conversation write path.
+Recording and the operator's views are `InboxStorage` methods (a mixin of `SQLStorage`). Applying
+is a business rule (which page rows a body goes to; applied, ignored or invalid: see
+`webhook/apply.py`), composed from the primitives of `Transaction`, all inside one transaction:
+
+    await storage.run_interaction("apply_webhooks", fn)    fn(txn) awaits only txn's methods:
+        txn.claim_pending(limit) / txn.claim(ids)           pending rows, locked (SKIP LOCKED)
+        txn.page_rows(facebook_page_ids)                    the page rows of each Facebook page
+        txn.write_records(page_row, records)                conversations and events of a page row
+        txn.drop_unsent_content(unsent)                     unsent messages lose their content
+        txn.mark(status, [(id, error), ...])                rows end applied / ignored / invalid
 """
 
 from __future__ import annotations
@@ -8,13 +17,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from core.records import ConversationRecord
-from storage.base import ApplyReport, InboxBody, ParsedInboxBody, WebhookParser, WriteCounts
-from storage.engine import Conn, Engine, retry_transient
+from storage.base import InboxBody, WriteCounts
+from storage.conversations import write_records
+from storage.engine import Conn, Store
+from storage.notify import INBOX
+from storage.rows import InboxRow
 
 # webhook_events.error holds at most this many characters.
 MAX_ERROR_CHARS = 2000
 # What an unsent message's stored event keeps of its payload.
 _UNSENT_PAYLOAD = '{"is_deleted": true}'
+# Statuses a row may end in when it is applied.
+APPLY_STATUSES = ("applied", "ignored", "invalid")
 
 
 def error_text(error: str | None) -> str | None:
@@ -24,52 +38,112 @@ def error_text(error: str | None) -> str | None:
     return error.replace("\x00", "")[:MAX_ERROR_CHARS]
 
 
-async def _drop_unsent_content(conn: Conn, unsent: Sequence[tuple[str, str, str]]) -> None:
-    """Unsent messages (page row, contact, mid): their stored event keeps its row, loses its content.
+class Transaction:
+    """The primitives a business rule composes inside one write transaction (`run_interaction`).
 
-    A conversation whose preview is that message loses the preview too (its version bumped,
-    like every change of a conversation).
+    Each method is a coroutine that awaits only the connection: the transaction function that
+    calls them may await nothing else (on SQLite it runs on the writer thread, in one go).
     """
-    source, args = conn.rows(("text", "text", "text"), unsent, 1)
-    rows = await conn.fetch(
-        f"WITH d (pid, sid, mid) AS ({source}) "
-        f"UPDATE contact_interaction_events AS e SET content = NULL, payload = '{_UNSENT_PAYLOAD}' "
-        "FROM d, messenger_conversations AS c "
-        "WHERE c.page_id = d.pid AND c.sender_id = d.sid AND e.conversation_id = c.id "
-        "AND e.event_type IN ('message_received', 'message_sent') AND e.message_id = d.mid "
-        "RETURNING conversation_id, event_timestamp",
-        *args,
-    )
-    if not rows:
-        return
-    source, args = conn.rows(
-        ("bigint", "bigint"), [(r["conversation_id"], r["event_timestamp"]) for r in rows], 1
-    )
-    await conn.execute(
-        f"WITH x (cid, ts) AS ({source}) "
-        "UPDATE messenger_conversations AS c SET last_message = NULL, version = c.version + 1, "
-        "updated_at = now_ms() "
-        "FROM x WHERE c.id = x.cid AND c.last_message_time = x.ts AND c.last_message IS NOT NULL",
-        *args,
-    )
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    async def claim_pending(self, limit: int) -> list[InboxRow]:
+        """Up to `limit` pending inbox rows, oldest first, locked for this transaction (rows another
+        replica's transaction holds are skipped, not waited for)."""
+        rows = await self._conn.fetch(
+            "SELECT id, body, received_at FROM webhook_events WHERE status = 'pending' "
+            "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            limit,
+        )
+        return [InboxRow(r["id"], bytes(r["body"]), r["received_at"]) for r in rows]
+
+    async def claim(self, ids: Sequence[int]) -> list[InboxRow]:
+        """The inbox rows of `ids` that are still pending, locked like `claim_pending`'s."""
+        cond, args = self._conn.any_of(1, ids, "bigint")
+        rows = await self._conn.fetch(
+            "SELECT id, body, received_at FROM webhook_events "
+            f"WHERE status = 'pending' AND id {cond} ORDER BY id FOR UPDATE SKIP LOCKED",
+            *args,
+        )
+        return [InboxRow(r["id"], bytes(r["body"]), r["received_at"]) for r in rows]
+
+    async def page_rows(self, facebook_page_ids: Sequence[str]) -> dict[str, list[str]]:
+        """{facebook page id: the ids of its page rows (one per user who registered it)}."""
+        if not facebook_page_ids:
+            return {}
+        cond, args = self._conn.any_of(1, sorted(set(facebook_page_ids)), "text")
+        page_rows: dict[str, list[str]] = {}
+        for r in await self._conn.fetch(
+            f"SELECT id, facebook_page_id FROM facebook_pages WHERE facebook_page_id {cond} ORDER BY id",
+            *args,
+        ):
+            page_rows.setdefault(r["facebook_page_id"], []).append(r["id"])
+        return page_rows
+
+    async def write_records(self, page_id: str, records: Sequence[ConversationRecord]) -> WriteCounts:
+        """Upsert conversation records and their events for one page row (`storage/conversations.py`)."""
+        return await write_records(self._conn, page_id, records)
+
+    async def drop_unsent_content(self, unsent: Sequence[tuple[str, str, str]]) -> None:
+        """Unsent messages (page row, contact, mid): their stored event keeps its row, loses its content.
+
+        A conversation whose preview is that message loses the preview too (its version bumped,
+        like every change of a conversation).
+        """
+        if not unsent:
+            return
+        conn = self._conn
+        source, args = conn.rows(("text", "text", "text"), unsent, 1)
+        rows = await conn.fetch(
+            f"WITH d (pid, sid, mid) AS ({source}) "
+            f"UPDATE contact_interaction_events AS e SET content = NULL, payload = '{_UNSENT_PAYLOAD}' "
+            "FROM d, messenger_conversations AS c "
+            "WHERE c.page_id = d.pid AND c.sender_id = d.sid AND e.conversation_id = c.id "
+            "AND e.event_type IN ('message_received', 'message_sent') AND e.message_id = d.mid "
+            "RETURNING conversation_id, event_timestamp",
+            *args,
+        )
+        if not rows:
+            return
+        source, args = conn.rows(
+            ("bigint", "bigint"), [(r["conversation_id"], r["event_timestamp"]) for r in rows], 1
+        )
+        await conn.execute(
+            f"WITH x (cid, ts) AS ({source}) "
+            "UPDATE messenger_conversations AS c SET last_message = NULL, version = c.version + 1, "
+            "updated_at = now_ms() "
+            "FROM x WHERE c.id = x.cid AND c.last_message_time = x.ts AND c.last_message IS NOT NULL",
+            *args,
+        )
+
+    async def mark(self, status: str, rows: Sequence[tuple[int, str | None]]) -> None:
+        """Inbox rows (id, error) end `status` (applied, ignored or invalid), with that error kept
+        (bounded, without U+0000), one more attempt counted, `applied_at` set for applied ones."""
+        if status not in APPLY_STATUSES:
+            raise ValueError(f"not a status an applied row ends in: {status!r}")
+        if not rows:
+            return
+        source, args = self._conn.rows(("bigint", "text"), [(i, error_text(e)) for i, e in rows], 2)
+        await self._conn.execute(
+            f"WITH v (wid, error) AS ({source}) "
+            "UPDATE webhook_events AS w SET status = $1, error = v.error, "
+            "attempts = w.attempts + 1, "
+            "applied_at = CASE WHEN $1 = 'applied' THEN now_ms() ELSE NULL END "
+            "FROM v WHERE w.id = v.wid",
+            status,
+            *args,
+        )
 
 
-class InboxStorage:
-    """The inbox half of `storage.base.Storage`."""
-
-    engine: Engine
-
-    async def _write_records(
-        self, conn: Conn, page_id: str, records: Sequence[ConversationRecord], *, expect_new: bool = False
-    ) -> WriteCounts:
-        """Provided by SQLStorage: the conversation write path, in the caller's transaction."""
-        raise NotImplementedError
+class InboxStorage(Store):
+    """The inbox half of `storage.base.Storage`: recording bodies, and the operator's views."""
 
     async def record_webhook_batch(self, bodies: Sequence[InboxBody]) -> None:
         if not bodies:
             return
-        # One statement, so it needs no BEGIN/COMMIT around it: the webhook's hot path.
-        async with self.engine.autocommit() as conn:
+
+        async def record(conn: Conn) -> None:
             source, args = conn.rows(
                 ("bytea", "text", "text", "text"),
                 [(b.body, b.body_sha256, b.status, b.error) for b in bodies],
@@ -80,83 +154,14 @@ class InboxStorage:
                 "ON CONFLICT (body_sha256) DO NOTHING",
                 *args,
             )
+            if any(b.status == "pending" for b in bodies):
+                conn.notify(INBOX)  # the appliers, on every replica
 
-    @retry_transient
-    async def apply_webhook_batch(
-        self, parse: WebhookParser, limit: int, ids: Sequence[int] | None = None
-    ) -> ApplyReport:
-        report = ApplyReport()
-        async with self.engine.transaction() as conn:
-            if ids is None:
-                claimed = await conn.fetch(
-                    "SELECT id, body, received_at FROM webhook_events WHERE status = 'pending' "
-                    "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                    limit,
-                )
-            else:
-                cond, args = conn.any_of(1, ids, "bigint")
-                claimed = await conn.fetch(
-                    "SELECT id, body, received_at FROM webhook_events "
-                    f"WHERE status = 'pending' AND id {cond} ORDER BY id FOR UPDATE SKIP LOCKED",
-                    *args,
-                )
-            if not claimed:
-                return report
-            report.claimed = len(claimed)
-            status: dict[int, tuple[str, str | None]] = {}
-            parsed: dict[int, ParsedInboxBody] = {}
-            for row in claimed:
-                try:
-                    parsed[row["id"]] = parse(bytes(row["body"]))
-                except Exception as exc:  # a body that cannot be read stays replayable after a fix
-                    status[row["id"]] = ("invalid", error_text(str(exc)))
-            fb_ids = sorted({fb for body in parsed.values() for fb in body.pages})
-            page_rows: dict[str, list[str]] = {}
-            if fb_ids:
-                cond, args = conn.any_of(1, fb_ids, "text")
-                for r in await conn.fetch(
-                    f"SELECT id, facebook_page_id FROM facebook_pages WHERE facebook_page_id {cond} "
-                    "ORDER BY id",
-                    *args,
-                ):
-                    page_rows.setdefault(r["facebook_page_id"], []).append(r["id"])
-            by_page: dict[str, list[ConversationRecord]] = {}
-            unsent: list[tuple[str, str, str]] = []
-            for inbox_id, body in parsed.items():
-                # `applied` once the body is for a registered page, even when none of its items
-                # is of a kind we store; `ignored` means no registered page (SPEC semantics 10).
-                registered = any(fb in page_rows for fb in body.pages)
-                status[inbox_id] = ("applied" if registered else "ignored", error_text(body.error))
-                for fb, rec in body.items:
-                    for pid in page_rows.get(fb, ()):
-                        by_page.setdefault(pid, []).append(rec)
-                unsent.extend(
-                    (pid, contact, mid) for fb, contact, mid in body.unsent for pid in page_rows.get(fb, ())
-                )
-            for pid in sorted(by_page):
-                report.counts.add(await self._write_records(conn, pid, by_page[pid]))
-            if unsent:  # after the writes: a message and its unsend may come in one batch
-                await _drop_unsent_content(conn, unsent)
-            received = {row["id"]: row["received_at"] for row in claimed}
-            report.received_at = [received[i] for i, (st, _) in status.items() if st == "applied"]
-            for name in ("applied", "ignored", "invalid"):
-                these = [(i, err) for i, (st, err) in status.items() if st == name]
-                setattr(report, name, len(these))
-                if these:
-                    source, args = conn.rows(("bigint", "text"), these, 2)
-                    await conn.execute(
-                        f"WITH v (wid, error) AS ({source}) "
-                        "UPDATE webhook_events AS w SET status = $1, error = v.error, "
-                        "attempts = w.attempts + 1, "
-                        "applied_at = CASE WHEN $1 = 'applied' THEN now_ms() ELSE NULL END "
-                        "FROM v WHERE w.id = v.wid",
-                        name,
-                        *args,
-                    )
-        return report
+        # One statement, so it needs no BEGIN/COMMIT around it: the webhook's hot path.
+        await self._interaction("record_webhook_batch", record, single_statement=True)
 
     async def mark_webhook_failed(self, ids: Sequence[int], error: str) -> None:
-        async with self.engine.transaction() as conn:
+        async def mark(conn: Conn) -> None:
             cond, args = conn.any_of(2, ids, "bigint")
             await conn.execute(
                 "UPDATE webhook_events SET status = 'failed', error = $1, attempts = attempts + 1 "
@@ -164,6 +169,8 @@ class InboxStorage:
                 error_text(error),
                 *args,
             )
+
+        await self._interaction("mark_webhook_failed", mark)
 
     async def pending_webhook_ids(self, limit: int) -> list[int]:
         async with self.engine.reader() as conn:
@@ -173,14 +180,19 @@ class InboxStorage:
         return [r["id"] for r in rows]
 
     async def requeue_webhooks(self, statuses: Sequence[str], *, with_skipped_items: bool = False) -> int:
-        async with self.engine.transaction() as conn:
+        async def requeue(conn: Conn) -> int:
             cond, args = conn.any_of(1, statuses, "text")
             # An applied row with an error skipped items: applying it again (idempotent) after a
             # fix writes what was skipped.
             skipped = " OR (status = 'applied' AND error IS NOT NULL)" if with_skipped_items else ""
-            return await conn.execute(
+            n = await conn.execute(
                 f"UPDATE webhook_events SET status = 'pending' WHERE status {cond}{skipped}", *args
             )
+            if n:
+                conn.notify(INBOX)
+            return n
+
+        return await self._interaction("requeue_webhooks", requeue)
 
     async def webhook_status_counts(self) -> dict[str, int]:
         async with self.engine.reader() as conn:

@@ -75,3 +75,12 @@ class SyncStatisticsRow:
     updated_at: int | None
     completed_at: int | None
     last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    """A webhook_events row claimed for applying: its raw body as received."""
+
+    id: int
+    body: bytes
+    received_at: int

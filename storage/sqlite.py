@@ -1,10 +1,16 @@
-"""The SQLite engine (aiosqlite): zero infrastructure, one file.
+"""The SQLite engine: zero infrastructure, one file.
 
-WAL mode; one writer connection, every write transaction `BEGIN IMMEDIATE` behind an
-asyncio lock (so writers queue in the process, and other processes wait on the busy
-timeout); a few reader connections beside it. Shared SQL is translated here: `$n` becomes
-`?n`, `now_ms()` becomes the julianday('now') expression, and `FOR UPDATE` is dropped
-(the single writer already serializes every write).
+WAL mode; one writer connection owned by one thread (datasette's write thread): a whole write
+transaction, `BEGIN IMMEDIATE` to `COMMIT`, is one job on that thread, so a transaction costs one
+hand-off between the event loop and the thread, whatever its number of statements. Writers queue
+in the process; other processes wait on the busy timeout, on the writer thread, never on the
+event loop. A few reader connections (aiosqlite) sit beside it.
+
+The transaction functions are the shared `async def fn(conn)` of both engines: here `conn` is a
+`SyncConn`, whose coroutines call sqlite3 directly and never suspend, so the writer thread drives
+the whole coroutine with one `send(None)` (`drive`). Shared SQL is translated here: `$n` becomes
+`?n`, `now_ms()` becomes the julianday('now') expression, and `FOR UPDATE` is dropped (the
+single writer already serializes every write).
 
 An SQLite file does not go away the way a server does: the connections stay open (a deleted file
 lives on until they close). What makes it unusable at run time is the disk or the lock: a full disk
@@ -17,17 +23,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import queue
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from core.errors import DatabaseUnavailable
-from storage.engine import Availability
+from storage.engine import Availability, TxnFn
+from storage.notify import Notifier
+
+T = TypeVar("T")
 
 NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 BUSY_TIMEOUT_MS = 30_000
@@ -84,8 +96,61 @@ def split_script(script: str) -> list[str]:
     return statements
 
 
-class SQLiteConn:
-    """A connection as the shared SQL sees it."""
+def drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends to its end, on the calling thread.
+
+    A transaction function awaits only its connection's methods; on a `SyncConn` those return
+    without suspending, so one `send(None)` runs the whole function. A coroutine that does
+    suspend (it awaited something else) is closed and refused.
+    """
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a transaction function may await only its connection's methods")
+
+
+class SyncConn:
+    """The writer's connection as the shared SQL sees it, on the writer thread: its coroutines call
+    sqlite3 directly and never suspend (see `drive`)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.notes: set[tuple[str, str]] = set()
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return self.db.execute(translate(sql), args).rowcount
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        return self.db.execute(translate(sql), args).fetchall()
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any | None:
+        return self.db.execute(translate(sql), args).fetchone()
+
+    def rows(self, types: Sequence[str], rows: Sequence[Sequence[Any]], start: int) -> tuple[str, list[Any]]:
+        return _values(len(types), len(rows), start), [value for row in rows for value in row]
+
+    def any_of(self, index: int, values: Sequence[Any], type_: str) -> tuple[str, list[Any]]:
+        if not values:
+            return "IN (NULL)", []
+        return "IN (" + ", ".join(f"${index + i}" for i in range(len(values))) + ")", list(values)
+
+    async def run_script(self, script: str) -> None:
+        for statement in split_script(script):
+            self.db.execute(statement)
+
+    async def sleep(self, seconds: float) -> None:
+        # On the writer thread (driven by `drive`, never on the loop): the transaction holds the
+        # write lock anyway, so nothing else could run meanwhile.
+        time.sleep(seconds)  # noqa: ASYNC251
+
+    def notify(self, channel: str, key: str = "") -> None:
+        self.notes.add((channel, key))
+
+
+class ReaderConn:
+    """A reader connection (aiosqlite: each statement one hand-off to its thread)."""
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
@@ -104,42 +169,103 @@ class SQLiteConn:
         rows = list(await self.db.execute_fetchall(translate(sql), args))
         return rows[0] if rows else None
 
-    def rows(self, types: Sequence[str], rows: Sequence[Sequence[Any]], start: int) -> tuple[str, list[Any]]:
-        return _values(len(types), len(rows), start), [value for row in rows for value in row]
-
-    def any_of(self, index: int, values: Sequence[Any], type_: str) -> tuple[str, list[Any]]:
-        if not values:
-            return "IN (NULL)", []
-        return "IN (" + ", ".join(f"${index + i}" for i in range(len(values))) + ")", list(values)
+    rows = SyncConn.rows
+    any_of = SyncConn.any_of
 
     async def run_script(self, script: str) -> None:
-        for statement in split_script(script):
-            await self.db.execute(statement)
+        raise RuntimeError("a reader connection runs no migration")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def notify(self, channel: str, key: str = "") -> None:
+        raise RuntimeError("a reader connection commits nothing to notify about")
 
 
-class InlineConn(SQLiteConn):
-    """Statements run on the event loop's own thread, in autocommit mode.
+_Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
-    For one-statement writes on the hot path (the webhook inbox): a small INSERT costs less
-    than the thread hand-offs aiosqlite needs. If another process holds the write lock,
-    the statement goes to the writer's thread instead, so the loop never waits on a lock.
-    """
 
-    def __init__(self, inline: sqlite3.Connection, db: aiosqlite.Connection) -> None:
-        super().__init__(db)
-        self.inline = inline
+class WriterThread:
+    """The one thread that owns the writer connection and runs jobs on it, in order."""
 
-    async def execute(self, sql: str, *args: Any) -> int:
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._opened: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        """Start the thread and open its connection (raises what opening raised)."""
+        loop = asyncio.get_running_loop()
+        self._opened = loop.create_future()
+        self._thread.start()
+        await self._opened
+
+    async def submit(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `job(connection)` on the thread; its result or its exception."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((job, loop, future))
+        return await future
+
+    async def stop(self) -> None:
+        """Finish the queued jobs, close the connection, end the thread."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+    def _run(self) -> None:
+        opened = self._opened
+        assert opened is not None
         try:
-            return self.inline.execute(translate(sql), args).rowcount
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc):
-                raise
-        return await super().execute(sql, *args)
+            db = self._connect()
+        except BaseException as exc:
+            _settle(opened.get_loop(), opened, None, exc)
+            return
+        _settle(opened.get_loop(), opened, None, None)
+        try:
+            while (item := self._jobs.get()) is not None:
+                job, loop, future = item
+                try:
+                    result = job(db)
+                except BaseException as exc:  # handed to the caller, whatever it is
+                    _settle(loop, future, None, exc)
+                else:
+                    _settle(loop, future, result, None)
+        finally:
+            db.close()
+
+
+def _settle(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, exc: BaseException | None
+) -> None:
+    """Resolve a caller's future from the writer thread (a caller that gave up is left alone)."""
+
+    def settle() -> None:
+        if future.cancelled():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """End the connection's transaction if one is still open (SQLite ends some itself on error)."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the original failure is what the caller needs to see
 
 
 class SQLiteEngine:
-    """Owns the writer and reader connections of one database file."""
+    """Owns the writer thread and the reader connections of one database file."""
 
     name = "sqlite"
 
@@ -149,39 +275,40 @@ class SQLiteEngine:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
+        self.notifier = Notifier()
         self._availability = Availability(self.name)
-        self._writer: aiosqlite.Connection | None = None
-        self._inline: sqlite3.Connection | None = None
-        self._write_lock = asyncio.Lock()
+        self._writer: WriterThread | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all: list[aiosqlite.Connection] = []
 
-    async def _connect(self, writer: bool) -> aiosqlite.Connection:
+    def _connect_writer(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        return db
+
+    async def _connect_reader(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
         db.row_factory = sqlite3.Row
         self._all.append(db)
         await db.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
         await db.execute("PRAGMA foreign_keys = ON")
-        if writer:
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute(f"PRAGMA synchronous = {self.synchronous}")
         return db
 
     async def open(self) -> None:
         """Create the file (and its folder) if needed, and open the connections."""
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._connect(writer=True)
-        self._inline = sqlite3.connect(self.path, isolation_level=None)
-        self._inline.execute("PRAGMA busy_timeout = 0")  # never block the event loop on a lock
-        self._inline.execute(f"PRAGMA synchronous = {self.synchronous}")
-        self._inline.execute("PRAGMA foreign_keys = ON")
-        # Checkpoints (which may fsync) are left to the writer thread's connection.
-        self._inline.execute("PRAGMA wal_autocheckpoint = 0")
+        writer = WriterThread(self._connect_writer)
+        await writer.start()  # first: it turns WAL on before anyone else opens the file
+        self._writer = writer
         for _ in range(READERS):
-            self._readers.put_nowait(await self._connect(writer=False))
+            self._readers.put_nowait(await self._connect_reader())
 
-    def _open_writer(self) -> aiosqlite.Connection:
+    def _open_writer(self) -> WriterThread:
         if self._writer is None:  # closed: only a request outliving shutdown gets here
             raise DatabaseUnavailable("The database connection is closed")
         return self._writer
@@ -190,43 +317,38 @@ class SQLiteEngine:
         """`exc`, or DatabaseUnavailable in its place when it is an outage failure."""
         return self._availability.failed(exc) if self.is_unavailable(exc) else exc
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SQLiteConn]:
+    async def transact(self, fn: TxnFn[T], *, single_statement: bool = False, migration: bool = False) -> T:
+        # BEGIN IMMEDIATE already excludes every other writer, other processes' migrations included.
+        # Every write, the webhook inbox's one-statement insert included, is a job of the writer
+        # thread: measured against running that insert on the event loop's thread (bench/webhook.py),
+        # the hand-off per group commit made no difference, and nothing fsyncs on the loop.
         writer = self._open_writer()
-        async with self._write_lock:
-            try:
-                await writer.execute("BEGIN IMMEDIATE")
-                try:
-                    yield SQLiteConn(writer)
-                    await writer.execute("COMMIT")
-                except BaseException:
-                    # Also after a failed COMMIT (a full disk, say): a writer left inside a
-                    # transaction would refuse every BEGIN after it, and never recover.
-                    await _rollback(writer)
-                    raise
-            except Exception as exc:
-                error = self._unavailable(exc)
-                if error is exc:
-                    raise
-                raise error from exc
-        self._availability.ok()
 
-    # BEGIN IMMEDIATE already excludes every other writer, other processes included.
-    migration_transaction = transaction
-
-    @asynccontextmanager
-    async def autocommit(self) -> AsyncIterator[SQLiteConn]:
-        writer = self._open_writer()
-        assert self._inline is not None, "engine not open"
-        async with self._write_lock:
+        def job(db: sqlite3.Connection) -> tuple[T, set[tuple[str, str]]]:
+            conn = SyncConn(db)
+            if single_statement:
+                return drive(fn(conn)), conn.notes
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield InlineConn(self._inline, writer)
-            except Exception as exc:
-                error = self._unavailable(exc)
-                if error is exc:
-                    raise
-                raise error from exc
+                result = drive(fn(conn))
+                db.execute("COMMIT")
+            except BaseException:
+                # Also after a failed COMMIT (a full disk, say): a writer left inside a
+                # transaction would refuse every BEGIN after it, and never recover.
+                _rollback(db)
+                raise
+            return result, conn.notes
+
+        try:
+            result, notes = await writer.submit(job)
+        except Exception as exc:
+            error = self._unavailable(exc)
+            if error is exc:
+                raise
+            raise error from exc
         self._availability.ok()
+        self.notifier.publish_all(notes)
+        return result
 
     def is_transient(self, exc: Exception) -> bool:
         # One writer and a busy timeout: no deadlocks to retry.
@@ -238,11 +360,11 @@ class SQLiteEngine:
         return isinstance(exc, OSError)
 
     @asynccontextmanager
-    async def reader(self) -> AsyncIterator[SQLiteConn]:
+    async def reader(self) -> AsyncIterator[ReaderConn]:
         self._open_writer()
         db = await self._readers.get()
         try:
-            yield SQLiteConn(db)
+            yield ReaderConn(db)
         except Exception as exc:
             error = self._unavailable(exc)
             if error is exc:
@@ -252,19 +374,9 @@ class SQLiteEngine:
             self._readers.put_nowait(db)
 
     async def close(self) -> None:
-        if self._inline is not None:
-            self._inline.close()
-            self._inline = None
         for db in self._all:
             await db.close()
         self._all.clear()
-        self._writer = None
-
-
-async def _rollback(db: aiosqlite.Connection) -> None:
-    """End the connection's transaction if one is still open (SQLite ends some itself on error)."""
-    if db.in_transaction:
-        try:
-            await db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # the original failure is what the caller needs to see
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.stop()

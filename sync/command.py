@@ -1,14 +1,15 @@
 """`python app.py sync PAGE_ID`: the API's sync from a terminal, resumed until done.
 
-It opens its own storage and Graph client, runs `SyncEngine.sync` again while it answers
-`hasMore`, and shows a progress line on stderr.
+It runs on the storage core/cli.py opened (and migrated) for it, with its own Graph client through
+the rate-limit pool (the quota is shared with the service), runs `SyncEngine.sync` again while it
+answers `has_more`, and shows a progress line on stderr.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Literal, cast
 
@@ -18,10 +19,11 @@ from core.errors import GraphAuthError, ServiceError, SyncInProgress
 from core.metrics import Metrics
 from core.settings import Settings
 from schema.api import SyncRequest
-from storage import open_storage
+from storage import Storage
 from storage.base import Page
 from sync.engine import SyncEngine
 from sync.graph_client import GRAPH_TIMEOUT, GraphClient
+from sync.pool import PooledTransport, PoolPolicy, RatePool
 
 
 class _ProgressLine:
@@ -51,34 +53,55 @@ def _ms_to_iso(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
-async def run_sync_command(settings: Settings, page_id: str, mode: str | None) -> int:
-    """`python app.py sync PAGE_ID`: sync until done.
+@dataclass
+class _Totals:
+    synced: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    events_inserted: int = 0
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name.replace('_', ' ')} {getattr(self, f.name)}" for f in fields(self))
+
+
+async def run_sync_command(
+    settings: Settings,
+    storage: Storage,
+    page_id: str,
+    mode: str | None,
+    *,
+    graph_transport: httpx.AsyncBaseTransport | None = None,
+) -> int:
+    """`python app.py sync PAGE_ID`: sync until done, on an opened (migrated) storage.
 
     Exit code 0 on success, 1 when the sync fails (its message on stderr), 2 for an unknown page.
     """
     if mode not in (None, "incremental", "full"):
         print(f"error: mode must be incremental or full, not {mode!r}", file=sys.stderr)
         return 2
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Graph request would bury the progress
-    storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
-    try:
-        await storage.migrate()
-        page = await storage.find_page(page_id)
-        if page is None:
-            print(f"error: no page with pageId {page_id} (see GET /api/pages)", file=sys.stderr)
-            return 2
-        async with httpx.AsyncClient(base_url=settings.graph_api_url, timeout=GRAPH_TIMEOUT) as http:
-            engine = SyncEngine(storage, GraphClient(http), settings, Metrics())
+    page = await storage.find_page(page_id)
+    if page is None:
+        print(f"error: no page with pageId {page_id} (see GET /api/pages)", file=sys.stderr)
+        return 2
+    pool = RatePool(storage, PoolPolicy.from_settings(settings))
+    transport = PooledTransport(graph_transport or httpx.AsyncHTTPTransport(), pool)
+    async with httpx.AsyncClient(
+        base_url=settings.graph_api_url, timeout=GRAPH_TIMEOUT, transport=transport
+    ) as http:
+        engine = SyncEngine(storage, GraphClient(http, pacing_max_delay=0.0), settings, Metrics())
+        try:
             return await _sync_until_done(engine, page, cast(Literal["incremental", "full"] | None, mode))
-    finally:
-        await storage.close()
+        finally:
+            await engine.aclose()
 
 
 async def _sync_until_done(
     engine: SyncEngine, page: Page, mode: Literal["incremental", "full"] | None
 ) -> int:
     line = _ProgressLine()
-    totals = {"synced": 0, "inserted": 0, "updated": 0, "unchanged": 0, "skipped": 0, "eventsInserted": 0}
+    totals = _Totals()
     resume: str | None = None
     rounds = 0
     while True:
@@ -86,7 +109,7 @@ async def _sync_until_done(
             page_id=page.id, facebook_page_id=page.facebook_page_id, resume_session=resume, mode=mode
         )
 
-        def show(synced_now: int, before: int = totals["synced"]) -> None:
+        def show(synced_now: int, before: int = totals.synced) -> None:
             line.show(before + synced_now)
 
         try:
@@ -107,15 +130,11 @@ async def _sync_until_done(
             print(f"error: {exc.message} [{exc.code}]{hint}", file=sys.stderr)
             return 1
         rounds += 1
-        for key in totals:
-            totals[key] += result[key]
-        if not result["hasMore"]:
+        for f in fields(totals):
+            setattr(totals, f.name, getattr(totals, f.name) + getattr(result, f.name))
+        if not result.has_more:
             break
-        resume = result["resumeSession"]
-    line.show(totals["synced"], final=True)
-    print(
-        f"done in {rounds} request(s): session {result['syncSessionId']}, "
-        + ", ".join(f"{k} {v}" for k, v in totals.items()),
-        file=sys.stderr,
-    )
+        resume = result.resume_session
+    line.show(totals.synced, final=True)
+    print(f"done in {rounds} request(s): session {result.session_id}, {totals.describe()}", file=sys.stderr)
     return 0

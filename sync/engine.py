@@ -34,7 +34,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from core.errors import (
     BadRequest,
@@ -71,6 +70,26 @@ SHUTTING_DOWN = "The service is shutting down; the sync stopped at its last save
 _DATA_INDEX = re.compile(r"^\$\.data\[(\d+)\]")
 
 ProgressCallback = Callable[[int], None]  # conversations synced so far by this request
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one sync call did (routes/sync.py turns it into the SPEC's response body)."""
+
+    session_id: str
+    synced: int
+    inserted: int
+    updated: int
+    unchanged: int
+    skipped: int
+    events_inserted: int
+    has_more: bool
+    duration_ms: int
+
+    @property
+    def resume_session(self) -> str | None:
+        """The session to resume while there is more to fetch, else None."""
+        return self.session_id if self.has_more else None
 
 
 @dataclass
@@ -123,13 +142,13 @@ class SyncEngine:
         self._clock = clock
         self._alarm = alarm
         self._leases = Leases(storage, settings.sync_lock_ttl_seconds)
-        self._running: set[asyncio.Task[dict[str, Any]]] = set()
+        self._running: set[asyncio.Task[SyncResult]] = set()
         self._closed = False
 
     async def sync(
         self, user_id: str, request: SyncRequest, *, on_page: ProgressCallback | None = None
-    ) -> dict[str, Any]:
-        """Run (or continue) the page's sync within the time budget; the SPEC's response body.
+    ) -> SyncResult:
+        """Run (or continue) the page's sync within the time budget; what it did.
 
         After ``aclose`` (or when it stops this sync) raises ServiceUnavailable (503).
         """
@@ -167,9 +186,7 @@ class SyncEngine:
         if self._running or not released:
             log.warning("shutdown: a sync did not let go of its lock in time; it expires with its lease")
 
-    async def _sync(
-        self, user_id: str, request: SyncRequest, on_page: ProgressCallback | None
-    ) -> dict[str, Any]:
+    async def _sync(self, user_id: str, request: SyncRequest, on_page: ProgressCallback | None) -> SyncResult:
         started = self._clock()
         try:
             page = await self._storage.get_page(user_id, request.page_id)
@@ -182,7 +199,16 @@ class SyncEngine:
             budget = self._settings.sync_time_budget_seconds
             if request.max_duration_ms is not None:
                 budget = min(budget, request.max_duration_ms / 1000)
-            run = await self._locked_sync(user_id, page, request, started + budget, on_page)
+            try:
+                run = await self._locked_sync(user_id, page, request, started + budget, on_page)
+            except ServiceError:
+                raise
+            except Exception:
+                # DELETE /api/pages/{id} between the checks above and the lease: the lock or
+                # session row then refers to no page (a foreign-key error), which is a 404.
+                if await self._storage.get_page(user_id, request.page_id) is None:
+                    raise NotFound("Page not found") from None
+                raise
         except ServiceError as exc:
             self._metrics.sync_runs.labels(exc.code).inc()
             raise
@@ -190,19 +216,37 @@ class SyncEngine:
         for name in ("inserted", "updated", "unchanged"):
             self._metrics.sync_conversations.labels(name).inc(getattr(run.counts, name))
         self._metrics.sync_conversations.labels("skipped").inc(run.skipped)
-        return {
-            "success": True,
-            "synced": run.synced,
-            "inserted": run.counts.inserted,
-            "updated": run.counts.updated,
-            "unchanged": run.counts.unchanged,
-            "skipped": run.skipped,
-            "eventsInserted": run.counts.events_inserted,
-            "hasMore": run.has_more,
-            "resumeSession": run.session_id if run.has_more else None,
-            "syncSessionId": run.session_id,
-            "durationMs": max(0, round((self._clock() - started) * 1000)),
-        }
+        result = SyncResult(
+            session_id=run.session_id,
+            synced=run.synced,
+            inserted=run.counts.inserted,
+            updated=run.counts.updated,
+            unchanged=run.counts.unchanged,
+            skipped=run.skipped,
+            events_inserted=run.counts.events_inserted,
+            has_more=run.has_more,
+            duration_ms=max(0, round((self._clock() - started) * 1000)),
+        )
+        log.info(
+            "sync step of page %s: %d synced, %s",
+            page.id,
+            result.synced,
+            "more to fetch" if result.has_more else "complete",
+            extra={
+                "page_id": page.id,
+                "user_id": user_id,
+                "session_id": result.session_id,
+                "synced": result.synced,
+                "inserted": result.inserted,
+                "updated": result.updated,
+                "unchanged": result.unchanged,
+                "skipped": result.skipped,
+                "events_inserted": result.events_inserted,
+                "has_more": result.has_more,
+                "duration_ms": result.duration_ms,
+            },
+        )
+        return result
 
     async def _locked_sync(
         self,
@@ -372,7 +416,12 @@ class SyncEngine:
 
     async def _record_failure(self, page: Page, lease: Lease, run: _Run, exc: GraphError) -> None:
         """After a Graph failure: the token's status (190), the cursor reached and the error."""
-        log.warning("sync of page %s stopped: %s", page.id, exc.message)
+        log.warning(
+            "sync of page %s stopped: %s",
+            page.id,
+            exc.message,
+            extra={"page_id": page.id, "session_id": run.session_id, "synced": run.synced, "code": exc.code},
+        )
         if isinstance(exc, GraphAuthError):
             await self._storage.mark_token_invalid(page.id)
         progress = SyncProgress(

@@ -4,13 +4,20 @@ Every test that takes `db_url` (directly or through `storage`, `settings`, `clie
 once per engine: SQLite in a fresh file, PostgreSQL in a fresh schema of the database
 named by TEST_DATABASE_URL (default: the machine's local server). TEST_ENGINES=sqlite
 limits a run to one engine.
+
+Behind a transaction pooler (tests/pgbouncer.sh) a schema cannot be chosen per connection
+(PgBouncer refuses `search_path` as a startup parameter), so TEST_PG_ISOLATION=database gives
+each test a fresh database instead, created and dropped over TEST_ADMIN_DATABASE_URL (a direct
+connection to the server behind the pooler); TEST_DATABASE_URL names the pooler.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -31,11 +38,47 @@ def engine(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+# "schema" (a fresh schema per test) or "database" (a fresh database per test: behind a pooler).
+PG_ISOLATION = os.environ.get("TEST_PG_ISOLATION", "schema")
+# A direct connection to the server (not through a pooler): creates and drops the test databases.
+PG_ADMIN_URL = os.environ.get("TEST_ADMIN_DATABASE_URL", PG_URL)
+
+
+def _with_database(url: str, database: str) -> str:
+    """`url` naming another database (its query string dropped)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", "", ""))
+
+
 @pytest.fixture
-async def db_url(engine: str, tmp_path: Path) -> AsyncIterator[str]:
+async def pg_database(engine: str) -> AsyncIterator[str | None]:
+    """A fresh PostgreSQL database when tests are isolated by database (else None), dropped after."""
+    if engine != "postgres" or PG_ISOLATION != "database":
+        yield None
+        return
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE template0 STRATEGY FILE_COPY")
+    finally:
+        await admin.close()
+    yield name
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        # FORCE: the pooler may still hold server connections to it.
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db_url(engine: str, tmp_path: Path, pg_database: str | None) -> AsyncIterator[str]:
     """A fresh, empty database on the engine under test."""
     if engine == "sqlite":
         yield f"sqlite:///{tmp_path}/test.db"
+        return
+    if pg_database is not None:
+        yield _with_database(PG_URL, pg_database)
         return
     schema = f"t_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(PG_URL)
@@ -50,6 +93,12 @@ async def db_url(engine: str, tmp_path: Path) -> AsyncIterator[str]:
         await conn.execute(f"DROP SCHEMA {schema} CASCADE")
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def direct_db_url(db_url: str, pg_database: str | None) -> str:
+    """`db_url` without any pooler in between (DATABASE_DIRECT_URL: what LISTEN needs)."""
+    return db_url if pg_database is None else _with_database(PG_ADMIN_URL, pg_database)
 
 
 @pytest.fixture

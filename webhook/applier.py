@@ -1,13 +1,16 @@
 """The webhook applier: pending inbox rows become conversations and events.
 
-One background task per replica. It wakes when the inbox writer commits (``notify()``)
-and every ``applier_poll_seconds`` (so rows another replica received, or that were
-pending at a crash, are picked up), then drains the inbox in batches:
+One background task per replica. It wakes when rows are committed to the inbox (storage's
+``subscribe_inbox()``: this replica's commits, and on PostgreSQL with a direct connection every
+replica's, by LISTEN/NOTIFY; ``notify()`` too) and every ``applier_poll_seconds`` (so rows
+another replica received, or that were pending at a crash, are picked up without a
+notification), then drains the inbox in batches:
 
-    storage.apply_webhook_batch(parse, applier_batch_size)   one transaction per batch:
+    webhook.apply.apply_batch(storage, parse, applier_batch_size)   one transaction per batch:
         claim pending rows (SKIP LOCKED on PostgreSQL) -> parse -> write -> mark rows
-    a batch that raises -> its rows again one by one; a row that still fails is
-        marked 'failed' with the error (``python app.py replay-webhooks`` retries it)
+        (run again by storage on a transient failure: a deadlock, a serialization failure)
+    a batch that raises -> its rows again one by one; a row that fails alone is marked
+        'failed' with the error (``python app.py replay-webhooks`` retries it)
 
 Reading happens here, not in the request (the webhook acknowledges every signed body once
 stored). Reading errors are not failures: a body that does not parse or is not shaped like a
@@ -18,7 +21,7 @@ read is skipped and recorded in the row's ``error`` while the rest is applied. S
               when all are of kinds not stored); skipped items, if any, listed in ``error``
     ignored   no registered page (a page nobody registered, another object, a dashboard ping)
     invalid   the body itself is unreadable (``error`` says why and where)
-    failed    the write raised, alone and past retries (``error``)
+    failed    the write raised, alone (``error``)
 
 Counted in /metrics: rows by status (``webhook_inbox_rows``), items of an unknown kind
 (``webhook_unknown_items``), items skipped (``webhook_skipped_items``). ``replay-webhooks``
@@ -31,22 +34,19 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from core.metrics import Metrics
 from core.settings import Settings
-from storage import Storage, open_storage
-from storage.base import ApplyReport, ParsedInboxBody, WriteCounts
+from storage import Storage
+from storage.base import WriteCounts
+from webhook.apply import ApplyReport, ParsedInboxBody, apply_batch
 from webhook.parse import InvalidWebhook, read_webhook
 
 log = logging.getLogger(__name__)
 
-# A row that raised inside a batch is tried alone this many times before it is 'failed'
-# (a deadlock or a lost race between replicas deserves another go; a poison row does not).
-ROW_ATTEMPTS = 3
 # After an error that is not one row's fault (database down), wait this long at first.
 ERROR_BACKOFF_SECONDS = 0.5
 # Refresh the pending-rows gauge at most this often (it costs a count).
@@ -84,11 +84,23 @@ class DrainSummary:
 
 
 class _Parser:
-    """The parse function for one batch; counts items (kept only if the batch commits)."""
+    """The parse function for one batch; counts items (kept only if the batch commits).
+
+    Counted per body, so a batch that storage runs again (a transient failure) counts once.
+    """
 
     def __init__(self) -> None:
-        self.unknown = 0
-        self.skipped = 0
+        self._counts: dict[bytes, tuple[int, int]] = {}
+
+    @property
+    def unknown(self) -> int:
+        """Items of a kind not stored, in the bodies read."""
+        return sum(unknown for unknown, _ in self._counts.values())
+
+    @property
+    def skipped(self) -> int:
+        """Items that could not be read (and were skipped), in the bodies read."""
+        return sum(skipped for _, skipped in self._counts.values())
 
     def __call__(self, body: bytes) -> ParsedInboxBody:
         try:
@@ -99,10 +111,9 @@ class _Parser:
         except Exception as exc:  # a defect of ours: the row stays replayable once it is fixed
             log.exception("webhook body %s could not be read", _digest(body))
             raise InvalidWebhook(f"Unreadable webhook body ({type(exc).__name__}: {exc})") from exc
-        self.unknown += parsed.unknown
+        self._counts[body] = (parsed.unknown, len(parsed.skipped))
         error = None
         if parsed.skipped:
-            self.skipped += len(parsed.skipped)
             reasons = parsed.skipped[:MAX_REASONS] + (["..."] if len(parsed.skipped) > MAX_REASONS else [])
             error = f"{len(parsed.skipped)} item(s) skipped: " + "; ".join(reasons)
             log.warning("webhook body %s: %s", _digest(body), error)
@@ -195,6 +206,22 @@ class Applier:
         self._yield_started = None
 
     async def _run(self) -> None:
+        with self.storage.subscribe_inbox() as committed:
+            forward = asyncio.create_task(self._forward(committed.wait), name="webhook-applier-wake")
+            try:
+                await self._loop()
+            finally:
+                forward.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await forward
+
+    async def _forward(self, committed: Callable[[float], Awaitable[bool]]) -> None:
+        """Turn storage's inbox wake-ups (any replica's commits) into this applier's wake-up."""
+        while True:
+            if await committed(3600.0):
+                self._wake.set()
+
+    async def _loop(self) -> None:
         backoff = ERROR_BACKOFF_SECONDS
         while not self._stopping:
             # Cleared before draining: a commit that lands during the drain wakes us again.
@@ -215,7 +242,7 @@ class Applier:
         """One batch; on an error, its rows one by one. Returns how many rows were handled."""
         parser = _Parser()
         try:
-            report = await self.storage.apply_webhook_batch(parser, self.batch_size)
+            report = await apply_batch(self.storage, parser, self.batch_size)
         except Exception as exc:
             log.warning("webhook batch failed (%s); applying its rows one by one", exc)
             ids = await self.storage.pending_webhook_ids(self.batch_size)
@@ -226,19 +253,18 @@ class Applier:
         return report.claimed
 
     async def _apply_row(self, inbox_id: int, summary: DrainSummary) -> None:
-        error: Exception | None = None
-        for attempt in range(ROW_ATTEMPTS):
-            parser = _Parser()
-            try:
-                report = await self.storage.apply_webhook_batch(parser, 1, ids=[inbox_id])
-            except Exception as exc:
-                error = exc
-                await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-                continue
+        """One row alone, so a poison row cannot hold back the rest: 'failed' if it raises.
+
+        Storage already ran it again if its failure was transient; what still raises is the row's.
+        """
+        parser = _Parser()
+        try:
+            report = await apply_batch(self.storage, parser, 1, ids=[inbox_id])
+        except Exception as error:
+            message = f"{type(error).__name__}: {error}"
+        else:
             self._record(report, parser, summary)
             return
-        assert error is not None
-        message = f"{type(error).__name__}: {error}"
         log.error("webhook inbox row %d failed: %s", inbox_id, message)
         await self.storage.mark_webhook_failed([inbox_id], message)
         summary.failed += 1
@@ -279,14 +305,17 @@ async def run_replay_command(settings: Settings) -> int:
     what happened; exits 1 if some rows failed again, else 0 (rows still invalid after a
     replay wait for the next one: the body is kept).
     """
-    storage = await open_storage(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
-    try:
-        await storage.migrate()
-        requeued = await storage.requeue_webhooks(list(REPLAY_STATUSES), with_skipped_items=True)
-        summary = await Applier(storage, settings, Metrics()).drain()
-        counts = await storage.webhook_status_counts()
-    finally:
-        await storage.close()
+    from core.services import opened_storage
+
+    async with opened_storage(settings) as storage:
+        return await replay_webhooks(storage, settings)
+
+
+async def replay_webhooks(storage: Storage, settings: Settings) -> int:
+    """The replay on an opened, migrated storage (core/cli.py); prints and returns as above."""
+    requeued = await storage.requeue_webhooks(list(REPLAY_STATUSES), with_skipped_items=True)
+    summary = await Applier(storage, settings, Metrics()).drain()
+    counts = await storage.webhook_status_counts()
     print(f"requeued: {requeued}")
     print(
         f"applied: {summary.applied}, ignored: {summary.ignored}, invalid: {summary.invalid}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from starlette.datastructures import Secret
 from starlette.testclient import TestClient
 
 from app import create_app
+from core.services import Services
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -31,14 +33,28 @@ KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789"}
 DEFAULT_PAGE = "104325188712345"  # the test Page: a token that names no Page belongs to it
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def auth_headers(user: str = "alice") -> dict[str, str]:
     """Headers that authenticate as one of the test users."""
     return {"Authorization": f"Bearer {KEYS[user]}"}
 
 
 def make_settings(db_url: str, **overrides: Any) -> Settings:
-    """Settings for tests: two API users, a webhook secret, Graph at GRAPH_URL."""
+    """Settings for tests: two API users, a webhook secret, Graph at GRAPH_URL.
+
+    No background syncs (SYNC_INTERVAL_SECONDS=0) and a per-page Graph ceiling so high that the
+    rate-limit pool never spaces a test's calls: a test about the scheduler or the pool says so
+    (tests/helpers/autopilot.py autopilot_settings).
+    """
     values: dict[str, Any] = {
+        "sync_interval_seconds": 0.0,
+        "graph_page_calls_per_second": 10_000.0,
         "database_url": db_url,
         "graph_api_url": GRAPH_URL,
         "fb_app_secret": Secret(APP_SECRET),
@@ -51,6 +67,12 @@ def make_settings(db_url: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def services(client: TestClient) -> Services:
+    """What a TestClient's app lifespan provides (its `Services`)."""
+    found: Services = client.app_state["services"]
+    return found
+
+
 def graph_transport(router: respx.MockRouter) -> httpx.AsyncBaseTransport:
     """An httpx transport that answers from a respx router."""
     return httpx.MockTransport(router.async_handler)
@@ -58,14 +80,20 @@ def graph_transport(router: respx.MockRouter) -> httpx.AsyncBaseTransport:
 
 @contextlib.asynccontextmanager
 async def running_app(
-    settings: Settings, router: respx.MockRouter | None = None
+    settings: Settings,
+    router: respx.MockRouter | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """An app with its lifespan running in this event loop, behind an httpx.AsyncClient.
 
     For tests that need real concurrency (asyncio.gather over many requests) or several
-    app instances ("replicas") on one database.
+    app instances ("replicas") on one database. Graph is answered by `router` (respx) or by
+    `transport` (e.g. an httpx.ASGITransport to the Graph stand-in).
     """
-    app = create_app(settings, graph_transport=graph_transport(router) if router is not None else None)
+    if transport is None and router is not None:
+        transport = graph_transport(router)
+    app = create_app(settings, graph_transport=transport)
     async with app.router.lifespan_context(app) as state:
 
         async def with_state(scope: Any, receive: Any, send: Any) -> None:

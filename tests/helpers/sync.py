@@ -13,6 +13,7 @@ import httpx
 import respx
 
 from storage import Storage
+from tests.helpers import storage as storage_helpers
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures" / "graph"
 PAGE_FB_ID = "104325188712345"
@@ -152,8 +153,7 @@ async def query(storage: Storage, sql: str, *args: Any) -> list[Any]:
 
 async def execute(storage: Storage, sql: str, *args: Any) -> int:
     """Run a write statement in its own transaction, through the storage's own engine."""
-    async with storage.engine.transaction() as conn:  # type: ignore[attr-defined]
-        return int(await conn.execute(sql, *args))
+    return await storage_helpers.execute(storage, sql, *args)
 
 
 async def assert_seed_checks(storage: Storage) -> None:

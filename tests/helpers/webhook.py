@@ -165,13 +165,13 @@ def post(client: TestClient, body: bytes) -> Any:
 
 def inbox(client: TestClient) -> dict[str, int]:
     """Inbox rows by status."""
-    counts: dict[str, int] = call(client, client.app_state["storage"].webhook_status_counts)
+    counts: dict[str, int] = call(client, client.app_state["services"].storage.webhook_status_counts)
     return counts
 
 
 def drain(client: TestClient) -> Any:
     """Apply everything pending with the app's own applier."""
-    return call(client, client.app_state["applier"].drain)
+    return call(client, client.app_state["services"].applier.drain)
 
 
 def conversations(client: TestClient, page_id: str, user: str = "alice") -> list[dict[str, Any]]:
@@ -209,7 +209,7 @@ def inbox_rows(client: TestClient) -> list[dict[str, Any]]:
     columns = ("id", "status", "error", "attempts", "applied_at")
 
     async def read() -> list[dict[str, Any]]:
-        async with client.app_state["storage"].engine.reader() as conn:
+        async with client.app_state["services"].storage.engine.reader() as conn:
             rows = await conn.fetch(f"SELECT {', '.join(columns)} FROM webhook_events ORDER BY id")
         return [{c: r[c] for c in columns} for r in rows]
 

@@ -171,6 +171,14 @@ class ServiceProcess:
         self._drain.join(timeout=5)
         return self.log.decode(errors="replace")[-2000:]
 
+    def stop(self, timeout: float = 30) -> str:
+        """SIGTERM (a graceful shutdown, as `docker stop` does); returns everything it wrote on stderr."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=timeout)
+        self._drain.join(timeout=5)
+        return self.log.decode(errors="replace")
+
     def kill(self) -> None:
         """Stop it at once (teardown)."""
         if self.proc.poll() is None:

@@ -62,9 +62,9 @@ def test_an_admin_key_may_be_named_by_its_id(db_url: str, graph: respx.MockRoute
     settings = make_settings(db_url, admin_keys=frozenset({"2"}))
     app = create_app(settings, graph_transport=graph_transport(graph))
     with TestClient(app, raise_server_exceptions=False) as client:
-        storage = client.app_state["storage"]
-        call(client, storage.add_api_key, "carol", hash_key("key-carol-0123456789"))
-        call(client, storage.add_api_key, "dave", hash_key("key-dave-0123456789"))
+        storage = client.app_state["services"].storage
+        call(client, storage.create_api_key, "carol", hash_key("key-carol-0123456789"))
+        call(client, storage.create_api_key, "dave", hash_key("key-dave-0123456789"))
         assert call(client, storage.api_key_id, hash_key("key-dave-0123456789")) == 2
         assert call(client, storage.api_key_id, hash_key(KEYS["alice"])) is None  # API_KEYS have no id
 
@@ -94,7 +94,7 @@ def test_inbox_health_counts_statuses_and_lists_recent_errors(admin_client: Test
     post(admin_client, message_body("m_nobody", "hi", T0, page=PAGE2))  # no registered page: ignored
     _record(admin_client, b'{"object": "page", "entry": "not a list"}')  # not a webhook body: invalid
     post(admin_client, message_body("m_fail", "will fail", T0 + 1))  # marked failed below
-    storage = admin_client.app_state["storage"]
+    storage = admin_client.app_state["services"].storage
     pending_ids = call(admin_client, storage.pending_webhook_ids, 10)
     assert len(pending_ids) == 4
 
@@ -125,7 +125,7 @@ def test_inbox_health_counts_statuses_and_lists_recent_errors(admin_client: Test
 
 def _record(client: TestClient, body: bytes) -> None:
     """Put a body in the inbox as the webhook does once its signature checks out (pending)."""
-    storage = client.app_state["storage"]
+    storage = client.app_state["services"].storage
     call(client, storage.record_webhook_batch, [InboxBody(body, hashlib.sha256(body).hexdigest())])
 
 
@@ -133,7 +133,7 @@ def _column(client: TestClient, sql: str, *args: object) -> list[int]:
     """The first column of a query's rows, read in the app's loop with its own storage."""
 
     async def read() -> list[int]:
-        async with client.app_state["storage"].engine.reader() as conn:
+        async with client.app_state["services"].storage.engine.reader() as conn:
             return [int(r[0]) for r in await conn.fetch(sql, *args)]
 
     result: list[int] = call(client, read)
@@ -154,7 +154,7 @@ def test_replay_requeues_failed_and_invalid_rows(admin_client: TestClient) -> No
     page = register_page(admin_client)
     post(admin_client, message_body("m_replayed", "second chance", T0))
     _record(admin_client, b'{"object": "page", "entry": {}}')
-    storage = admin_client.app_state["storage"]
+    storage = admin_client.app_state["services"].storage
     first, second = call(admin_client, storage.pending_webhook_ids, 10)
     call(admin_client, storage.mark_webhook_failed, [first], "transient trouble")
     drain(admin_client)

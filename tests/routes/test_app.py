@@ -152,12 +152,12 @@ def test_unknown_routes_and_methods_are_json(client: TestClient) -> None:
 def test_unexpected_errors_are_500_without_internals(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    storage = client.app_state["storage"]
+    storage = client.app_state["services"].storage
 
-    async def broken(user_id: str) -> None:
+    async def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("connection string postgres://secret@db")
 
-    monkeypatch.setattr(storage, "list_pages", broken)
+    monkeypatch.setattr(storage, "page_sync_facts", broken)  # what GET /api/pages reads
     response = client.get("/api/pages", headers=auth_headers())
     assert response.status_code == 500
     body = response.json()
@@ -178,7 +178,7 @@ def test_readyz_reports_a_database_down(client: TestClient, monkeypatch: pytest.
     async def down() -> None:
         raise OSError("connection refused")
 
-    monkeypatch.setattr(client.app_state["storage"], "ping", down)
+    monkeypatch.setattr(client.app_state["services"].storage, "ping", down)
     response = client.get("/readyz")
     assert response.status_code == 503 and response.json()["code"] == "database_unavailable"
 

@@ -36,6 +36,7 @@ from core.records import ConversationRecord, EventRecord
 from core.settings import Settings
 from storage import Storage
 from tests.helpers import APP_SECRET, KEYS, VERIFY_TOKEN, GraphMe, graph_router, graph_transport, page_token
+from tests.helpers.storage import write_conversations
 from webhook.signature import sign
 
 EXAMPLES = 200  # per engine
@@ -373,12 +374,12 @@ async def _seed(storage: Storage) -> Ids:
         )
         for i in range(3)
     ]
-    await storage.write_conversations(
-        ids.pages[0], [ConversationRecord(sender_id="7712345678901234", events=events)]
+    await write_conversations(
+        storage, ids.pages[0], [ConversationRecord(sender_id="7712345678901234", events=events)]
     )
     (conversation,) = await storage.list_conversations(ids.pages[0], 1, None)
-    ids.conversations.append(int(conversation["id"]))
-    ids.events += [int(e["id"]) for e in await storage.list_events(conversation["id"], 10, None)]
+    ids.conversations.append(conversation.id)
+    ids.events += [e.id for e in await storage.list_events(conversation.id, 10, None)]
     return ids
 
 

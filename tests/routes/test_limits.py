@@ -30,6 +30,7 @@ from routes.limits import MAX_HEADER_BYTES, SERVER_FLAGS, SERVER_OPTIONS
 from routes.stream import MAX_STREAMS_PER_KEY
 from storage import Storage
 from tests.helpers import APP_SECRET, KEYS, ROOT, auth_headers, graph_router, graph_transport, page_token
+from tests.helpers.storage import write_conversations
 from webhook.signature import sign
 
 PAGE = "104325188712345"
@@ -75,6 +76,10 @@ def test_the_command_lines_serve_with_the_limits(monkeypatch: pytest.MonkeyPatch
     assert app_module.main(["serve", "--port", "8123"]) == 0
     assert seen["target"] == "app:app" and seen["port"] == 8123
     assert {name: seen[name] for name in SERVER_OPTIONS} == SERVER_OPTIONS
+    # Forwarded headers are trusted only from FORWARDED_ALLOW_IPS (uvicorn reads it; 127.0.0.1
+    # by default), never from everyone.
+    assert seen["proxy_headers"] is True and "forwarded_allow_ips" not in seen
+    assert "--forwarded-allow-ips" not in argv and "*" not in argv
 
 
 # --- headers -------------------------------------------------------------------------------------
@@ -216,7 +221,7 @@ async def test_the_deadline_does_not_cut_an_open_stream(
                     )
                 ],
             )
-            await storage.write_conversations(page.id, [record])
+            await write_conversations(storage, page.id, [record])
             line = ""
             while not line.startswith("data: "):
                 line = await asyncio.wait_for(lines.__anext__(), 10)

@@ -18,8 +18,10 @@ from core.records import ConversationRecord, EventRecord
 from core.settings import Settings
 from routes.stream import event_stream
 from storage import Storage, open_storage
+from storage.notify import Subscription
 from tests.helpers import PG_URL, auth_headers, graph_router, graph_transport, register_page
 from tests.helpers.proxy import TcpProxy
+from tests.helpers.storage import write_conversations
 
 CONTACT = "7712345678901234"
 
@@ -46,15 +48,30 @@ async def take(stream: AsyncIterator[bytes], count: int) -> list[dict[str, objec
     return out
 
 
+async def test_a_commit_wakes_the_stream_without_waiting_for_a_poll(storage: Storage) -> None:
+    """With a poll an hour apart, the event still comes: the commit itself woke the stream."""
+    page, _ = await storage.register_page("alice", "104325188712345", "EAAB-token", None)
+    stream = event_stream(storage, page.id, 0, poll_seconds=3600)
+    try:
+        assert await asyncio.wait_for(stream.__anext__(), timeout=10) == b"retry: 2000\n\n"
+        first = asyncio.ensure_future(take(stream, 1))
+        await asyncio.sleep(0.05)  # the stream has polled once and waits
+        await write_conversations(storage, page.id, [record("m_woken")])
+        (event,) = await first
+    finally:
+        await stream.aclose()
+    assert event["messageId"] == "m_woken"
+
+
 async def test_stream_sends_new_events_and_resumes(storage: Storage) -> None:
     page, _ = await storage.register_page("alice", "104325188712345", "EAAB-token", None)
-    await storage.write_conversations(page.id, [record("m_old")])
+    await write_conversations(storage, page.id, [record("m_old")])
     start = await storage.last_event_id(page.id)
     stream = event_stream(storage, page.id, start, poll_seconds=0.01)
     try:
         first = asyncio.ensure_future(take(stream, 2))
         await asyncio.sleep(0.05)
-        await storage.write_conversations(page.id, [record("m_1", "m_2", start=1_732_900_001_000)])
+        await write_conversations(storage, page.id, [record("m_1", "m_2", start=1_732_900_001_000)])
         got = await first
     finally:
         await stream.aclose()
@@ -73,8 +90,8 @@ async def test_stream_sees_only_its_page(storage: Storage) -> None:
     other, _ = await storage.register_page("alice", "104325188799999", "EAAB-token", None)
     stream = event_stream(storage, mine.id, 0, poll_seconds=0.01)
     try:
-        await storage.write_conversations(other.id, [record("m_other")])
-        await storage.write_conversations(mine.id, [record("m_mine")])
+        await write_conversations(storage, other.id, [record("m_other")])
+        await write_conversations(storage, mine.id, [record("m_mine")])
         (event,) = await take(stream, 1)
     finally:
         await stream.aclose()
@@ -84,9 +101,9 @@ async def test_stream_sees_only_its_page(storage: Storage) -> None:
 async def test_late_commit_below_the_last_id_is_still_sent(storage: Storage) -> None:
     """An id lower than one already sent (a late commit on PostgreSQL) is delivered once."""
     page, _ = await storage.register_page("alice", "104325188712345", "EAAB-token", None)
-    await storage.write_conversations(page.id, [record("m_1", "m_2", "m_3")])
+    await write_conversations(storage, page.id, [record("m_1", "m_2", "m_3")])
     (conversation,) = await storage.list_conversations(page.id, 1, None)
-    ids = sorted(e["id"] for e in await storage.list_events(conversation["id"], 10, None))
+    ids = sorted(e.id for e in await storage.list_events(conversation.id, 10, None))
 
     class HidesTheMiddle:
         """Storage whose first reads do not see the middle event yet."""
@@ -94,10 +111,13 @@ async def test_late_commit_below_the_last_id_is_still_sent(storage: Storage) -> 
         def __init__(self) -> None:
             self.calls = 0
 
+        def subscribe_events(self, page_id: str) -> Subscription:
+            return storage.subscribe_events(page_id)
+
         async def events_after(self, page_id: str, after_id: int, limit: int, until_id: int | None = None):  # type: ignore[no-untyped-def]
             self.calls += 1
             rows = await storage.events_after(page_id, after_id, limit, until_id=until_id)
-            return [r for r in rows if r["id"] != ids[1]] if self.calls <= 2 else rows
+            return [r for r in rows if r.id != ids[1]] if self.calls <= 2 else rows
 
     stream = event_stream(HidesTheMiddle(), page.id, 0, poll_seconds=0.01)  # type: ignore[arg-type]
     try:
@@ -151,7 +171,7 @@ async def test_stream_over_http(settings: Settings, storage: Storage) -> None:
             lines = response.aiter_lines()
             assert await asyncio.wait_for(lines.__anext__(), 5) == "retry: 2000"
             # Written by another connection (another replica, say): the stream reads the tables.
-            await storage.write_conversations(page_id, [record("m_live")])
+            await write_conversations(storage, page_id, [record("m_live")])
             line = ""
             while not line.startswith("data: "):
                 line = await asyncio.wait_for(lines.__anext__(), 5)
@@ -179,7 +199,7 @@ async def test_a_stream_outlives_a_database_outage(storage: Storage, db_url: str
             # Polls fail with DatabaseUnavailable meanwhile: the stream sends heartbeats, not an error.
             beats = [await asyncio.wait_for(stream.__anext__(), 10) for _ in range(3)]
             assert beats == [b": keep-alive\n\n"] * 3
-            await storage.write_conversations(page.id, [record("m_during")])  # written elsewhere
+            await write_conversations(storage, page.id, [record("m_during")])  # written elsewhere
             proxy.start()
             (event,) = await take(stream, 1)
         finally:

@@ -21,6 +21,7 @@ from core.settings import Settings
 from storage import Storage
 from storage.conversations import encode_payload, records_without_nul, without_nul
 from tests.helpers import auth_headers, register_page, running_app
+from tests.helpers.storage import write_conversations
 from tests.helpers.sync import PAGE_FB_ID, FakeGraph, assert_seed_checks, query
 from tests.helpers.webhook import A, call, drain, inbox, message_body, post
 
@@ -123,7 +124,7 @@ async def test_write_path_stores_text_without_nul_and_merges_ids_that_differ_by_
             ),
         ],
     )
-    counts = await storage.write_conversations(page.id, [first])
+    counts = await write_conversations(storage, page.id, [first])
     assert (counts.inserted, counts.events_inserted) == (1, 1)
     # A later record of the same contact (stored now): merged into the row, updated without U+0000.
     later = ConversationRecord(
@@ -140,7 +141,7 @@ async def test_write_path_stores_text_without_nul_and_merges_ids_that_differ_by_
             ),
         ],
     )
-    counts = await storage.write_conversations(page.id, [later])
+    counts = await write_conversations(storage, page.id, [later])
     assert (counts.inserted, counts.updated, counts.events_inserted) == (0, 1, 1)
     conversations, events = await stored(storage)
     assert conversations == [("7701", "t_1", "Ann B", "two", 2, 2)]
@@ -154,11 +155,12 @@ async def test_write_path_stores_text_without_nul_and_merges_ids_that_differ_by_
         ),
         ("7701", "message_received", "m_two", "two", {}),
     ]
-    conversation_id = (await query(storage, "SELECT id FROM messenger_conversations"))[0]["id"]
-    assert await storage.update_conversation(conversation_id, 1, {"sender_name": "Ann\x00 C"})
-    assert (await query(storage, "SELECT sender_name FROM messenger_conversations"))[0][
-        "sender_name"
-    ] == "Ann C"
+    # A name changed by a later record (a version-checked update of the stored row).
+    renamed = ConversationRecord(sender_id="7701", sender_name="Ann\x00 C", events=[])
+    counts = await write_conversations(storage, page.id, [renamed])
+    assert (counts.updated, counts.events_inserted) == (1, 0)
+    (row,) = await query(storage, "SELECT sender_name, version FROM messenger_conversations")
+    assert (row["sender_name"], row["version"]) == ("Ann C", 2)
     await assert_seed_checks(storage)
 
 
@@ -273,7 +275,7 @@ def test_a_webhook_with_nul_in_text_mid_and_sender_is_applied(wclient: TestClien
     )
     drain(wclient)
     assert inbox(wclient) == {"applied": 2}
-    storage = wclient.app_state["storage"]
+    storage = wclient.app_state["services"].storage
     conversations, events = call(wclient, stored, storage)
     assert conversations == [(A, None, None, "hi there", 1, 1)]
     assert [e[:4] for e in events] == [(A, "message_received", "m_webhook", "hi there")]
@@ -294,6 +296,6 @@ def test_a_webhook_with_nul_is_applied_never_failed(wclient: TestClient, where: 
     assert post(wclient, message_body(mid, text, 1_732_900_000_002, sender=sender)).status_code == 200
     drain(wclient)
     assert inbox(wclient) == {"applied": 1}
-    conversations, events = call(wclient, stored, wclient.app_state["storage"])
+    conversations, events = call(wclient, stored, wclient.app_state["services"].storage)
     assert conversations == [(A, None, None, "hello", 1, 1)]
     assert [e[:4] for e in events] == [(A, "message_received", "m_one", "hello")]

@@ -16,9 +16,10 @@ import httpx
 import pytest
 import respx
 
-import app as app_module
+import core.services as services_module
 from core.settings import Settings
 from storage import Storage
+from storage.base import PoolRow
 from sync.graph_client import GraphClient
 from tests.helpers import auth_headers, running_app
 from tests.helpers.sync import (
@@ -241,6 +242,17 @@ async def test_rate_limit_past_the_budget_answers_502_with_the_cursor_saved(
         assert (
             state is not None and state.last_cursor == C1 and "graph_rate_limited" in (state.last_error or "")
         )
+        # The rate-limit pool holds the page (and the app, code 4) until the regain time, on
+        # every replica: a sync now answers 502 at once, without calling Graph.
+        held = await sync(http, page_id)
+        assert_error(held, 502, "graph_rate_limited")
+        assert fake.calls == [None, C1]
+
+        def regained(now: int, rows: dict[str, PoolRow]) -> None:  # the regain time has passed
+            for row in rows.values():
+                row.hold_until = None
+
+        await storage.update_rate_pool(["app", f"page:{PAGE_FB_ID}"], regained)
         later = await sync(http, page_id)
         assert later.status_code == 200 and later.json()["inserted"] == 9
     assert fake.calls[:3] == [None, C1, C1]
@@ -253,7 +265,7 @@ async def test_server_errors_past_retries_answer_502_unavailable(
         return None
 
     # The app's Graph client retries with real backoff; here it retries at once.
-    monkeypatch.setattr(app_module, "GraphClient", functools.partial(GraphClient, sleep=no_sleep))
+    monkeypatch.setattr(services_module, "GraphClient", functools.partial(GraphClient, sleep=no_sleep))
     answers = chain(*WALK)
     answers[C1] = [httpx.Response(502, text="Bad Gateway")]
     fake = FakeGraph(graph, answers)
@@ -376,7 +388,7 @@ async def test_mode_full_after_a_failed_sync_starts_a_new_full_session(
     async def no_sleep(seconds: float) -> None:
         return None
 
-    monkeypatch.setattr(app_module, "GraphClient", functools.partial(GraphClient, sleep=no_sleep))
+    monkeypatch.setattr(services_module, "GraphClient", functools.partial(GraphClient, sleep=no_sleep))
     answers = chain(*WALK)
     answers[C1] = [httpx.Response(503)]
     fake = FakeGraph(graph, answers)

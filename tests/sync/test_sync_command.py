@@ -1,6 +1,7 @@
 """`python app.py sync PAGE_ID` (sync_command.run_sync_command): resumes until done, clear errors.
 
-The command opens its own httpx client; the `graph` router mocks httpx for the whole process.
+It runs on the storage the CLI opened and its own httpx client (through the rate-limit pool); the
+`graph` router mocks httpx for the whole process.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ async def test_command_resumes_until_done(
     fake = FakeGraph(graph, chain(*WALK))
     # A budget so small that every request returns after one page: the command must resume.
     tight = replace(settings, sync_time_budget_seconds=0.000001)
-    assert await run_sync_command(tight, page.id, None) == 0
+    assert await run_sync_command(tight, storage, page.id, None) == 0
     err = capsys.readouterr().err
     assert "synced 12 conversations" in err and "done in 4 request(s)" in err and "inserted 12" in err
     assert fake.calls == [None, *(after_cursor(name) for name in WALK[:3])]
@@ -53,12 +54,12 @@ async def test_command_reports_graph_auth_and_a_held_lock(
 ) -> None:
     page, _ = await storage.register_page("alice", PAGE_FB_ID, "EAAB-token", "Acme")
     FakeGraph(graph, {None: [graph_response(400, "error_190.json")]})
-    assert await run_sync_command(settings, page.id, "full") == 1
+    assert await run_sync_command(settings, storage, page.id, "full") == 1
     assert "graph_auth" in capsys.readouterr().err
     await storage.register_page("alice", PAGE_FB_ID, "EAAB-new-token", None)
     lease = await storage.acquire_sync_lock(page.id, "elsewhere", 30)
     assert lease is not None
-    assert await run_sync_command(settings, page.id, None) == 1
+    assert await run_sync_command(settings, storage, page.id, None) == 1
     assert "another sync of this page is running" in capsys.readouterr().err
     assert await storage.current_lock(page.id) == lease  # left alone
 
@@ -66,6 +67,6 @@ async def test_command_reports_graph_auth_and_a_held_lock(
 async def test_command_refuses_an_unknown_page(
     settings: Settings, graph: respx.MockRouter, storage: Storage, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert await run_sync_command(settings, "no-such-page", None) == 2
+    assert await run_sync_command(settings, storage, "no-such-page", None) == 2
     assert "no page with pageId no-such-page" in capsys.readouterr().err
     assert not graph.calls

@@ -24,6 +24,7 @@ from core.errors import (
     GraphUnavailable,
     InvalidResumeSession,
     LeaseLost,
+    NotFound,
     ServiceUnavailable,
 )
 from core.metrics import Metrics
@@ -103,14 +104,14 @@ async def test_full_sync_walks_every_page(
     async with sync_engine(storage, router, settings) as (engine, _):
         result = await engine.sync("alice", request(page))
     senders, messages = expected_walk()
-    assert result["success"] is True and result["hasMore"] is False and result["resumeSession"] is None
-    assert (result["synced"], result["inserted"], result["updated"], result["unchanged"]) == (12, 12, 0, 0)
-    assert result["skipped"] == 0 and result["eventsInserted"] == messages
+    assert result.has_more is False and result.resume_session is None
+    assert (result.synced, result.inserted, result.updated, result.unchanged) == (12, 12, 0, 0)
+    assert result.skipped == 0 and result.events_inserted == messages
     assert graph.calls == [None, C1, C2, C3]
     assert set(await conversation_versions(storage, page.id)) == senders
     state = await storage.get_sync_state(page.id)
     assert state is not None and state.is_complete and state.last_cursor is None
-    assert state.sync_session_id == result["syncSessionId"] and state.total_synced == 12
+    assert state.sync_session_id == result.session_id and state.total_synced == 12
     newest = json.loads(graph_response(200, WALK[0]).content)["data"][0]["updated_time"]
     assert state.watermark == parse_graph_time(newest)
     assert await storage.current_lock(page.id) is None
@@ -130,9 +131,9 @@ async def test_full_resync_inserts_nothing_and_bumps_no_version(
     async with sync_engine(storage, router, settings) as (engine, _):
         first = await engine.sync("alice", request(page))
         again = await engine.sync("alice", request(page, mode="full"))
-    assert again["syncSessionId"] != first["syncSessionId"]
-    assert (again["synced"], again["inserted"], again["updated"], again["unchanged"]) == (12, 0, 0, 12)
-    assert again["eventsInserted"] == 0
+    assert again.session_id != first.session_id
+    assert (again.synced, again.inserted, again.updated, again.unchanged) == (12, 0, 0, 12)
+    assert again.events_inserted == 0
     assert set((await conversation_versions(storage, page.id)).values()) == {0}
     await assert_seed_checks(storage)
 
@@ -146,7 +147,7 @@ async def test_default_resync_is_incremental_and_reads_one_page(
         graph.requests.clear()
         again = await engine.sync("alice", request(page))
     assert graph.calls == [None]
-    assert (again["synced"], again["inserted"], again["hasMore"]) == (0, 0, False)
+    assert (again.synced, again.inserted, again.has_more) == (0, 0, False)
     state = await storage.get_sync_state(page.id)
     assert state is not None and state.mode == "incremental" and state.completed_syncs == 2
 
@@ -163,8 +164,8 @@ async def test_incremental_sync_updates_only_new_conversations(
         result = await engine.sync("alice", request(page))
     # New first: one new contact, Zoë's new message; the third is older than the watermark.
     assert graph.calls == [None]
-    assert (result["synced"], result["inserted"], result["updated"], result["unchanged"]) == (2, 1, 1, 0)
-    assert result["eventsInserted"] == 2 and result["hasMore"] is False
+    assert (result.synced, result.inserted, result.updated, result.unchanged) == (2, 1, 1, 0)
+    assert result.events_inserted == 2 and result.has_more is False
     after = await conversation_versions(storage, page.id)
     assert after.pop("5123987460192834") == 0
     assert after.pop("7234519876543210") == 1
@@ -188,26 +189,26 @@ async def test_time_budget_returns_has_more_and_resuming_completes(
         await assert_seed_checks(storage)
         # Without resumeSession the unfinished session is continued; with it, too.
         results.append(await engine.sync("alice", request(page, max_duration_ms=10_000)))
-        while results[-1]["hasMore"]:
+        while results[-1].has_more:
             await assert_seed_checks(storage)
-            resume = results[-1]["resumeSession"]
+            resume = results[-1].resume_session
             results.append(
                 await engine.sync("alice", request(page, max_duration_ms=10_000, resume_session=resume))
             )
     first = results[0]
-    assert first["hasMore"] is True and first["resumeSession"] == first["syncSessionId"]
+    assert first.has_more is True and first.resume_session == first.session_id
     # 6 s per page against a 10 s budget: one page per request, four requests.
-    assert [r["synced"] for r in results] == [3, 3, 3, 3]
-    assert {r["syncSessionId"] for r in results} == {first["syncSessionId"]}
-    assert sum(r["inserted"] for r in results) == 12
-    assert results[-1]["resumeSession"] is None
+    assert [r.synced for r in results] == [3, 3, 3, 3]
+    assert {r.session_id for r in results} == {first.session_id}
+    assert sum(r.inserted for r in results) == 12
+    assert results[-1].resume_session is None
     # Resuming fetches at most one page again.
     assert graph.calls.count(None) == 1 and all(graph.calls.count(c) <= 2 for c in (C1, C2, C3))
     assert len(await conversation_versions(storage, page.id)) == 12
     await assert_seed_checks(storage)
     with pytest.raises(InvalidResumeSession):  # a complete session cannot be resumed
         async with sync_engine(storage, router, settings) as (engine, _):
-            await engine.sync("alice", request(page, resume_session=first["syncSessionId"]))
+            await engine.sync("alice", request(page, resume_session=first.session_id))
     assert await storage.current_lock(page.id) is None
 
 
@@ -232,7 +233,7 @@ async def test_next_page_is_fetched_while_the_current_one_is_written(
     monkeypatch.setattr(storage, "save_conversation_page", write_once_the_next_page_is_asked_for)
     async with sync_engine(storage, router, settings) as (engine, _):
         result = await engine.sync("alice", request(page))
-    assert result["synced"] == 12 and graph.calls == [None, C1, C2, C3]
+    assert result.synced == 12 and graph.calls == [None, C1, C2, C3]
 
 
 async def test_unknown_resume_session_is_refused_and_the_lock_released(
@@ -244,7 +245,7 @@ async def test_unknown_resume_session_is_refused_and_the_lock_released(
             await engine.sync("alice", request(page, resume_session="no-such-session"))
         assert graph.calls == []
         assert await storage.current_lock(page.id) is None
-        assert (await engine.sync("alice", request(page)))["synced"] == 12
+        assert (await engine.sync("alice", request(page))).synced == 12
 
 
 async def test_cancelled_sync_resumes_from_the_last_committed_cursor(
@@ -272,7 +273,7 @@ async def test_cancelled_sync_resumes_from_the_last_committed_cursor(
         graph.requests.clear()
         result = await engine.sync("alice", request(page))
     assert graph.calls == [C1, C2, C3]
-    assert result["inserted"] == 9 and result["hasMore"] is False
+    assert result.inserted == 9 and result.has_more is False
     assert len(await conversation_versions(storage, page.id)) == 12
     await assert_seed_checks(storage)
 
@@ -296,7 +297,7 @@ async def test_lock_is_extended_while_the_sync_runs(
         assert await storage.acquire_sync_lock(page.id, "someone-else", 30) is None
         held.release.set()
         result = await asyncio.wait_for(task, 5)
-    assert result["synced"] == 12
+    assert result.synced == 12
 
 
 async def test_lease_taken_over_stops_the_sync(
@@ -349,7 +350,7 @@ async def test_graph_auth_error_marks_the_token_and_blocks_until_re_registered(
         graph.requests.clear()
         result = await engine.sync("alice", request(page))
     assert graph.calls == [C1, C2, C3]
-    assert result["syncSessionId"] == state.sync_session_id and result["inserted"] == 9
+    assert result.session_id == state.sync_session_id and result.inserted == 9
     assert graph.requests[0].headers["authorization"] == "Bearer EAAB-new-token"
     await assert_seed_checks(storage)
 
@@ -403,8 +404,8 @@ async def test_server_errors_past_retries_answer_unavailable_then_a_rejected_cur
         graph.requests.clear()
         result = await engine.sync("alice", request(page))
     assert graph.calls == [C1, None, C1, C2, C3]
-    assert result["syncSessionId"] == state.sync_session_id
-    assert (result["inserted"], result["unchanged"], result["hasMore"]) == (9, 3, False)
+    assert result.session_id == state.sync_session_id
+    assert (result.inserted, result.unchanged, result.has_more) == (9, 3, False)
     await assert_seed_checks(storage)
 
 
@@ -420,7 +421,7 @@ async def test_malformed_records_are_skipped_and_the_rest_kept(
     FakeGraph(router, answers)
     async with sync_engine(storage, router, settings) as (engine, _):
         result = await engine.sync("alice", request(page))
-    assert (result["synced"], result["inserted"], result["skipped"]) == (2, 2, 2)
+    assert (result.synced, result.inserted, result.skipped) == (2, 2, 2)
     assert set(await conversation_versions(storage, page.id)) == {"7234519876543210", "5902318746501928"}
     assert "$.data[1].messages.data[0].created_time" in caplog.text and "$.data[2]" in caplog.text
     await assert_seed_checks(storage)
@@ -437,7 +438,7 @@ async def test_conversations_without_a_contact_or_messages_are_skipped(
     FakeGraph(router, {None: ["listing_unusable.json"]})
     async with sync_engine(storage, router, settings) as (engine, _):
         result = await engine.sync("alice", request(page))
-    assert (result["synced"], result["inserted"], result["skipped"]) == (1, 1, 2)
+    assert (result.synced, result.inserted, result.skipped) == (1, 1, 2)
     assert "t_10160411223344556" in caplog.text and "$.data[1]" in caplog.text and "$.data[2]" in caplog.text
     await assert_seed_checks(storage)
 
@@ -450,7 +451,7 @@ async def test_reduced_page_size_sticks_for_the_rest_of_the_walk(
     graph = FakeGraph(router, answers)
     async with sync_engine(storage, router, settings) as (engine, _):
         result = await engine.sync("alice", request(page))
-    assert result["synced"] == 12
+    assert result.synced == 12
     assert [r.url.params["limit"] for r in graph.requests] == ["100", "50", "50", "50", "50"]
 
 
@@ -487,7 +488,7 @@ async def test_the_first_page_is_still_awaited_just_past_a_tiny_budget(
         fake.now += 0.5  # past the budget, within its grace: progress, not an error
         held.release.set()
         result = await asyncio.wait_for(task, 5)
-    assert (result["synced"], result["hasMore"]) == (3, True)
+    assert (result.synced, result.has_more) == (3, True)
     assert graph.calls == [None]  # no time left to ask for the next page
     state = await storage.get_sync_state(page.id)
     assert state is not None and state.last_cursor == C1
@@ -509,15 +510,15 @@ async def test_graph_hanging_on_a_later_page_returns_has_more_with_the_cursor_sa
         await wait_for(page_one_committed, "page 1 to commit")
         fake.now += 2.0  # the budget runs out while Graph answers page 2
         result = await asyncio.wait_for(task, 5)
-        assert (result["synced"], result["hasMore"]) == (3, True)
-        assert result["resumeSession"] == result["syncSessionId"]
+        assert (result.synced, result.has_more) == (3, True)
+        assert result.resume_session == result.session_id
         assert await storage.current_lock(page.id) is None
         state = await storage.get_sync_state(page.id)
         assert state is not None and state.last_cursor == C1 and state.last_error is None
         # Graph answers again: the next request fetches page 2 again and finishes.
         held.release.set()
-        resumed = await engine.sync("alice", request(page, resume_session=result["resumeSession"]))
-    assert (resumed["synced"], resumed["hasMore"]) == (9, False)
+        resumed = await engine.sync("alice", request(page, resume_session=result.resume_session))
+    assert (resumed.synced, resumed.has_more) == (9, False)
     assert len(await conversation_versions(storage, page.id)) == 12
 
 
@@ -533,7 +534,7 @@ async def test_retry_after_within_the_budget_is_waited(
     async with sync_engine(storage, router, settings) as (engine, fake):
         result = await engine.sync("alice", request(page))
     assert fake.sleeps == [7.0] and graph.calls == [None, C1, C1, C2, C3]
-    assert (result["synced"], result["hasMore"]) == (12, False)
+    assert (result.synced, result.has_more) == (12, False)
 
 
 async def test_retry_after_past_the_budget_is_the_502s_retry_after(
@@ -563,7 +564,7 @@ async def test_the_cursor_of_a_next_url_continues_the_walk(
     graph = FakeGraph(router, answers)
     async with sync_engine(storage, router, settings) as (engine, _):
         result = await engine.sync("alice", request(page))
-    assert (result["synced"], result["hasMore"]) == (12, False)
+    assert (result.synced, result.has_more) == (12, False)
     assert graph.calls == [None, C1, C2, C3]
     assert all(r.url.host == "graph.test" and "access_token" not in str(r.url) for r in graph.requests)
 
@@ -583,7 +584,7 @@ async def test_a_next_page_without_a_cursor_answers_unavailable_and_is_never_com
         # Graph mends its paging: the same session goes on from the top.
         graph.answers.update(chain(*WALK))
         result = await engine.sync("alice", request(page))
-    assert result["syncSessionId"] == state.sync_session_id and result["synced"] == 12
+    assert result.session_id == state.sync_session_id and result.synced == 12
     assert graph.calls == [None, None, C1, C2, C3]
 
 
@@ -613,9 +614,9 @@ async def test_an_explicit_mode_after_a_failed_sync_starts_a_new_session(
         failed = await failed_at_page_two(engine, storage, page, answers)
         graph.requests.clear()
         result = await engine.sync("alice", request(page, mode=mode))
-    assert result["syncSessionId"] != failed
+    assert result.session_id != failed
     assert graph.calls == [None, C1, C2, C3]  # from the top
-    assert (result["synced"], result["inserted"], result["unchanged"]) == (12, 9, 3)
+    assert (result.synced, result.inserted, result.unchanged) == (12, 9, 3)
     state = await storage.get_sync_state(page.id)
     assert state is not None and state.mode == mode and state.is_complete
 
@@ -629,8 +630,8 @@ async def test_without_mode_a_failed_session_is_continued(
         failed = await failed_at_page_two(engine, storage, page, answers)
         graph.requests.clear()
         result = await engine.sync("alice", request(page))
-    assert result["syncSessionId"] == failed and graph.calls == [C1, C2, C3]
-    assert (result["synced"], result["inserted"]) == (9, 9)
+    assert result.session_id == failed and graph.calls == [C1, C2, C3]
+    assert (result.synced, result.inserted) == (9, 9)
 
 
 @pytest.mark.parametrize("mode", ["full", "incremental"])
@@ -643,7 +644,7 @@ async def test_resume_session_continues_that_session_whatever_mode_it_carries(
         failed = await failed_at_page_two(engine, storage, page, answers)
         graph.requests.clear()
         result = await engine.sync("alice", request(page, resume_session=failed, mode=mode))
-        assert result["syncSessionId"] == failed and graph.calls == [C1, C2, C3]
+        assert result.session_id == failed and graph.calls == [C1, C2, C3]
         state = await storage.get_sync_state(page.id)
         assert state is not None and state.mode == "full"  # the session's own mode
         with pytest.raises(InvalidResumeSession):  # complete now
@@ -694,6 +695,27 @@ async def test_aclose_without_running_syncs_returns_at_once(
 ) -> None:
     FakeGraph(router, chain(*WALK))
     async with sync_engine(storage, router, settings) as (engine, _):
-        assert (await engine.sync("alice", request(page)))["synced"] == 12
+        assert (await engine.sync("alice", request(page))).synced == 12
         await asyncio.wait_for(engine.aclose(), 1)
     assert await storage.current_lock(page.id) is None
+
+
+async def test_a_page_deleted_as_its_sync_starts_is_not_found(
+    storage: Storage,
+    page: Page,
+    router: respx.MockRouter,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    acquire = storage.acquire_sync_lock
+
+    async def deleted_first(page_id: str, locked_by: str, ttl_seconds: float) -> Any:
+        assert await storage.delete_page("alice", page_id)  # DELETE /api/pages/{id} lands here
+        return await acquire(page_id, locked_by, ttl_seconds)
+
+    monkeypatch.setattr(storage, "acquire_sync_lock", deleted_first)
+    FakeGraph(router, chain(*WALK))
+    async with sync_engine(storage, router, settings) as (engine, _):
+        with pytest.raises(NotFound):
+            await engine.sync("alice", request(page))
+    assert await storage.find_page(page.id) is None and await storage.current_lock(page.id) is None

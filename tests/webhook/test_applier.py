@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -16,6 +17,7 @@ from core.records import ConversationRecord
 from core.settings import Settings
 from storage import Storage
 from storage.base import InboxBody
+from storage.inbox import Transaction
 from tests.helpers import make_settings, register_page, running_app
 from tests.helpers.webhook import (
     PAGE,
@@ -33,8 +35,10 @@ from tests.helpers.webhook import (
     signed,
     wait_until_drained,
 )
+from webhook import applier as applier_module
 from webhook import parse as parse_module
 from webhook.applier import Applier, run_replay_command
+from webhook.apply import apply_batch
 from webhook.intake import SATURATED_BATCH, InboxWriter
 
 POISON = "7700000000000666"
@@ -45,16 +49,17 @@ async def post_async(http: Any, body: bytes) -> int:
     return int((await http.post("/api/webhook", content=body, headers=signed(body))).status_code)
 
 
-def poison_writes(storage: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make writing any record of the POISON contact raise inside the apply transaction."""
-    original = storage._write_records
+def poison_writes(monkeypatch: pytest.MonkeyPatch, message: str = "injected failure") -> None:
+    """Make writing any record of the POISON contact raise inside the apply transaction (the
+    `write_records` primitive, of every storage in this process)."""
+    original = Transaction.write_records
 
-    async def failing(conn: Any, page_id: str, records: list[ConversationRecord]) -> Any:
+    async def failing(txn: Transaction, page_id: str, records: Sequence[ConversationRecord]) -> Any:
         if any(rec.sender_id == POISON for rec in records):
-            raise RuntimeError("injected failure")
-        return await original(conn, page_id, records)
+            raise RuntimeError(message)
+        return await original(txn, page_id, records)
 
-    monkeypatch.setattr(storage, "_write_records", failing)
+    monkeypatch.setattr(Transaction, "write_records", failing)
 
 
 def test_failed_row_is_isolated_and_replay_completes_it(
@@ -68,8 +73,8 @@ def test_failed_row_is_isolated_and_replay_completes_it(
     ]
     for body in bodies:
         assert post(wclient, body).status_code == 200
-    storage = wclient.app_state["storage"]
-    poison_writes(storage, monkeypatch)
+    storage = wclient.app_state["services"].storage
+    poison_writes(monkeypatch)
 
     summary = drain(wclient)
     assert (summary.applied, summary.failed) == (2, 1)
@@ -93,17 +98,16 @@ def test_transient_batch_failure_fails_no_row(wclient: TestClient, monkeypatch: 
     page = register_page(wclient)
     for i in range(3):
         assert post(wclient, message_body(f"m_{i}", f"t{i}", 1_732_900_000_000 + i)).status_code == 200
-    storage = wclient.app_state["storage"]
-    original = storage.apply_webhook_batch
+    original = applier_module.apply_batch
     calls: list[Any] = []
 
-    async def once_broken(parse: Any, limit: int, ids: Any = None) -> Any:
+    async def once_broken(storage: Storage, parse: Any, limit: int, ids: Any = None) -> Any:
         calls.append(ids)
         if len(calls) == 1:
             raise ConnectionResetError("connection lost mid-batch")
-        return await original(parse, limit, ids)
+        return await original(storage, parse, limit, ids)
 
-    monkeypatch.setattr(storage, "apply_webhook_batch", once_broken)
+    monkeypatch.setattr(applier_module, "apply_batch", once_broken)
     summary = drain(wclient)
     assert (summary.applied, summary.failed) == (3, 0)
     assert calls[0] is None and sorted(len(c) for c in calls[1:4]) == [1, 1, 1]  # then row by row
@@ -121,7 +125,7 @@ async def test_replay_command_applies_failed_rows(
     async with running_app(quiet_settings) as http:
         assert await post_async(http, poisoned) == 200
         assert await post_async(http, invalid) == 200  # acknowledged: it is Meta's body
-    poison_writes(storage, monkeypatch)
+    poison_writes(monkeypatch)
     summary = await Applier(storage, quiet_settings, Metrics()).drain()
     assert (summary.failed, summary.invalid) == (1, 1)
     assert await storage.webhook_status_counts() == {"failed": 1, "invalid": 1}
@@ -134,7 +138,7 @@ async def test_replay_command_applies_failed_rows(
     # The body is still unreadable: it stays invalid, ready for a later replay.
     assert await storage.webhook_status_counts() == {"applied": 1, "invalid": 1}
     (conv,) = await storage.list_conversations(page.id, 10, None)
-    assert conv["senderId"] == POISON
+    assert conv.sender_id == POISON
 
 
 async def test_replay_command_reports_rows_that_fail_again(
@@ -144,17 +148,8 @@ async def test_replay_command_reports_rows_that_fail_again(
     poisoned = message_body("m_p", "from poison", 1_732_900_000_002, sender=POISON)
     async with running_app(quiet_settings) as http:
         assert await post_async(http, poisoned) == 200
-    # run_replay_command opens its own storage: poison the class, not an instance.
-    from storage.sql import SQLStorage
-
-    original = SQLStorage._write_records
-
-    async def failing(self: Any, conn: Any, page_id: str, records: list[ConversationRecord]) -> Any:
-        if any(rec.sender_id == POISON for rec in records):
-            raise RuntimeError("still broken")
-        return await original(self, conn, page_id, records)
-
-    monkeypatch.setattr(SQLStorage, "_write_records", failing)
+    # run_replay_command opens its own storage: the primitive of every storage is poisoned.
+    poison_writes(monkeypatch, "still broken")
     await Applier(storage, quiet_settings, Metrics()).drain()
     assert await run_replay_command(quiet_settings) == 1
     assert "failed: 1" in capsys.readouterr().out
@@ -175,8 +170,8 @@ async def test_rows_left_pending_by_a_stopped_app_are_applied_by_the_next(
     async with running_app(make_settings(db_url, applier_batch_size=7)):
         assert await wait_until_drained(storage) == {"applied": 30}
     (conv,) = await storage.list_conversations(page.id, 10, None)
-    assert conv["messageCount"] == 30
-    assert len(await storage.list_events(conv["id"], 100, None)) == 30
+    assert conv.message_count == 30
+    assert len(await storage.list_events(conv.id, 100, None)) == 30
 
 
 async def test_background_applier_wakes_on_commit(db_url: str, storage: Storage) -> None:
@@ -191,7 +186,7 @@ async def test_background_applier_wakes_on_commit(db_url: str, storage: Storage)
         metrics = (await http.get("/metrics")).text
     assert "webhook_apply_lag_seconds_count 1.0" in metrics
     (conv,) = await storage.list_conversations(page.id, 10, None)
-    assert conv["lastMessage"] == "hello"
+    assert conv.last_message == "hello"
 
 
 class Saturation:
@@ -223,7 +218,7 @@ async def test_applier_yields_to_a_saturated_intake_then_catches_up(db_url: str,
     finally:
         await applier.stop()
     (conv,) = await storage.list_conversations(page.id, 10, None)
-    assert conv["messageCount"] == 5
+    assert conv.message_count == 5
 
 
 async def test_applier_stops_yielding_after_its_bound(db_url: str, storage: Storage) -> None:
@@ -297,7 +292,7 @@ async def test_replay_applies_invalid_rows_and_skipped_items_after_a_fix(
     summary = await Applier(storage, quiet_settings, Metrics()).drain()
     assert (summary.invalid, summary.applied, summary.skipped_items) == (1, 2, 1)
     (conv,) = await storage.list_conversations(page.id, 10, None)
-    assert [e["messageId"] for e in await storage.list_events(conv["id"], 10, None)] == ["m_plain"]
+    assert [e.message_id for e in await storage.list_events(conv.id, 10, None)] == ["m_plain"]
 
     monkeypatch.undo()  # the schema is fixed
     assert await run_replay_command(quiet_settings) == 0
@@ -309,7 +304,7 @@ async def test_replay_applies_invalid_rows_and_skipped_items_after_a_fix(
         errors = [r["error"] for r in await conn.fetch("SELECT error FROM webhook_events")]
     assert errors == [None, None, None]
     convs = await storage.list_conversations(page.id, 10, None)
-    assert sum(c["messageCount"] for c in convs) == 4  # both ids_as_numbers messages, the string one, plain
+    assert sum(c.message_count for c in convs) == 4  # both ids_as_numbers messages, the string one, plain
     assert await run_replay_command(quiet_settings) == 0  # nothing left to replay
     assert "requeued: 0" in capsys.readouterr().out
 
@@ -318,7 +313,7 @@ def test_replaying_an_applied_row_with_skipped_items_is_idempotent(wclient: Test
     page = register_page(wclient)
     assert post(wclient, fixture("invalid_item_type.json")).status_code == 200
     drain(wclient)
-    storage = wclient.app_state["storage"]
+    storage = wclient.app_state["services"].storage
     assert call(wclient, storage.requeue_webhooks, ["failed", "invalid"]) == 0
     for _ in range(2):
         assert call(wclient, lambda: storage.requeue_webhooks(["failed"], with_skipped_items=True)) == 1
@@ -338,7 +333,7 @@ async def test_errors_are_stored_without_nul(storage: Storage) -> None:
     def unreadable(body: bytes) -> Any:
         raise ValueError("bad \x00 byte in " + body.decode())
 
-    report = await storage.apply_webhook_batch(unreadable, 1)
+    report = await apply_batch(storage, unreadable, 1)
     assert report.invalid == 1
     [pending] = await storage.pending_webhook_ids(10)
     await storage.mark_webhook_failed([pending], "RuntimeError: text with \x00 in it")
@@ -355,15 +350,9 @@ def test_failure_text_with_nul_marks_the_row_failed(
 ) -> None:
     register_page(wclient)
     assert post(wclient, message_body("m_p", "poison", 1_732_900_000_002, sender=POISON)).status_code == 200
-    storage = wclient.app_state["storage"]
-    original = storage._write_records
-
-    async def failing(conn: Any, page_id: str, records: list[ConversationRecord]) -> Any:
-        raise RuntimeError("cannot store \x00")
-
-    monkeypatch.setattr(storage, "_write_records", failing)
+    poison_writes(monkeypatch, "cannot store \x00")
     assert drain(wclient).failed == 1
-    monkeypatch.setattr(storage, "_write_records", original)
+    monkeypatch.undo()
     [row] = inbox_rows(wclient)
     assert (row["status"], row["error"]) == ("failed", "RuntimeError: cannot store ")
 

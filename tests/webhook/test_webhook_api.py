@@ -19,6 +19,7 @@ from core.metrics import Metrics
 from core.settings import Settings
 from schema.graph import decode_conversation_list
 from storage import Storage
+from storage.base import SyncProgress
 from sync.graph_records import conversation_to_record
 from tests.helpers import (
     FIXTURES,
@@ -128,7 +129,7 @@ def test_no_app_secret_answers_503(db_url: str) -> None:
 
 def test_database_down_answers_503(wclient: TestClient) -> None:
     body = (WEBHOOKS / "message_text.json").read_bytes()
-    call(wclient, wclient.app_state["storage"].close)
+    call(wclient, wclient.app_state["services"].storage.close)
     response = post(wclient, body)
     assert response.status_code == 503
     assert response.json()["code"] == "database_unavailable"
@@ -319,10 +320,17 @@ def _webhook_for(record: Any) -> bytes:
 def test_webhook_and_sync_converge(wclient: TestClient, order: str) -> None:
     page = register_page(wclient)
     record = _synced_record()
-    storage = wclient.app_state["storage"]
+    storage = wclient.app_state["services"].storage
+
+    async def save_synced_page() -> None:  # what a sync does with a page of Graph's conversations
+        lease = await storage.acquire_sync_lock(page["pageId"], "test-sync", 30)
+        assert lease is not None
+        await storage.start_sync_session(lease, "alice", "session-1", "full")
+        await storage.save_conversation_page(lease, [record], SyncProgress(None, 1, None, is_complete=True))
+        assert await storage.release_sync_lock(lease)
 
     def sync() -> None:
-        call(wclient, storage.write_conversations, page["pageId"], [record])
+        call(wclient, save_synced_page)
 
     def webhook() -> None:
         assert post(wclient, _webhook_for(record)).status_code == 200
@@ -359,8 +367,8 @@ async def test_twenty_concurrent_identical_posts_give_one_row_and_one_event(
     await Applier(storage, quiet_settings, Metrics()).drain()
     assert await storage.webhook_status_counts() == {"applied": 1}
     (conv,) = await storage.list_conversations(page.id, 10, None)
-    assert len(await storage.list_events(conv["id"], 10, None)) == 1
-    assert conv["messageCount"] == 1
+    assert len(await storage.list_events(conv.id, 10, None)) == 1
+    assert conv.message_count == 1
 
 
 async def test_identical_posts_on_two_replicas_give_one_row_and_one_event(
@@ -380,8 +388,8 @@ async def test_identical_posts_on_two_replicas_give_one_row_and_one_event(
         assert [r.status_code for r in responses] == [200] * 20
         assert await wait_until_drained(storage) == {"applied": 1}
     (conv,) = await storage.list_conversations(page.id, 10, None)
-    assert len(await storage.list_events(conv["id"], 10, None)) == 1
-    assert conv["messageCount"] == 1
+    assert len(await storage.list_events(conv.id, 10, None)) == 1
+    assert conv.message_count == 1
 
 
 async def test_replicas_share_distinct_events_of_one_conversation(db_url: str, storage: Storage) -> None:
@@ -398,9 +406,9 @@ async def test_replicas_share_distinct_events_of_one_conversation(db_url: str, s
         assert {r.status_code for r in responses} == {200}
         assert await wait_until_drained(storage) == {"applied": 40}
     (conv,) = await storage.list_conversations(page.id, 10, None)
-    assert conv["messageCount"] == 40
-    assert conv["lastMessage"] == "text 39"
-    assert len(await storage.list_events(conv["id"], 100, None)) == 40
+    assert conv.message_count == 40
+    assert conv.last_message == "text 39"
+    assert len(await storage.list_events(conv.id, 100, None)) == 40
 
 
 def test_secret_is_compared_as_configured(db_url: str) -> None:
