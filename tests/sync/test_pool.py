@@ -159,7 +159,7 @@ async def test_a_call_that_wakes_too_late_gives_its_slot_back(stores: tuple[Stor
         # later, oversleeps it, gives it back and is granted again.
         for _ in range(2):
             assert (await get(http, OTHER)).status_code == 200
-    assert late_count(metrics, "late") == 1
+    assert late_count(metrics, "late") >= 1  # a loaded machine may oversleep more than once
     first, second = standin.requests[OTHER]
     assert second - first >= PoolPolicy(page_calls_per_second=5).page_spacing_ms / 1000 - 0.01
     assert standin.refused == {}
