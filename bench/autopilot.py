@@ -24,15 +24,12 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from bench.standin_limits import STATS_PATH, bench_page_ids  # noqa: E402
+from bench.sync import free_port, fresh_database, serve_process  # noqa: E402
 from core.metrics import Metrics  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from storage import open_storage  # noqa: E402
@@ -68,12 +66,6 @@ async def open_store(url: str) -> Store:
     return store
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def standin(conversations: int, messages: int) -> Iterator[str]:
     """The limited stand-in in a uvicorn subprocess; yields its GRAPH_API_URL."""
@@ -84,45 +76,8 @@ def standin(conversations: int, messages: int) -> Iterator[str]:
         "--page-calls-per-second", str(PAGE_LIMIT),
         "--app-calls-per-second", str(APP_LIMIT),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("the Graph stand-in did not start")
-        yield f"http://127.0.0.1:{port}/v25.0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-@asynccontextmanager
-async def fresh_database(engine: str, pg_url: str) -> AsyncIterator[str]:
-    """A DATABASE_URL of an empty database, removed afterwards."""
-    if engine == "sqlite":
-        with tempfile.TemporaryDirectory(prefix="bench-autopilot-") as tmp:
-            yield f"sqlite:///{tmp}/bench.db"
-        return
-    import asyncpg
-
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f"CREATE SCHEMA {schema}")
-    finally:
-        await conn.close()
-    try:
-        yield f"{pg_url}{'&' if '?' in pg_url else '?'}search_path={schema}"
-    finally:
-        conn = await asyncpg.connect(pg_url)
-        try:
-            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-        finally:
-            await conn.close()
+    with serve_process(cmd, port, stdout=subprocess.DEVNULL) as url:
+        yield url
 
 
 def worker_settings(database_url: str, graph_url: str, concurrency: int, page_size: int) -> Settings:

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,15 +55,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def standin(conversations: int, messages: int, latency_ms: float) -> Iterator[str]:
-    """Run the Graph stand-in in a subprocess; yields its GRAPH_API_URL."""
-    port = free_port()
-    cmd = [
-        sys.executable, str(ROOT / "bench" / "graph_standin.py"), "--port", str(port),
-        "--conversations", str(conversations), "--messages", str(messages), "--page-id", PAGE,
-        "--latency-ms", str(latency_ms),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+def serve_process(cmd: list[str], port: int, **popen: Any) -> Iterator[str]:
+    """Run a Graph stand-in command listening on `port`; yields its GRAPH_API_URL once it accepts."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, **popen)
     try:
         for _ in range(200):
             try:
@@ -76,6 +71,19 @@ def standin(conversations: int, messages: int, latency_ms: float) -> Iterator[st
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextmanager
+def standin(conversations: int, messages: int, latency_ms: float) -> Iterator[str]:
+    """Run the Graph stand-in in a subprocess; yields its GRAPH_API_URL."""
+    port = free_port()
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "graph_standin.py"), "--port", str(port),
+        "--conversations", str(conversations), "--messages", str(messages), "--page-id", PAGE,
+        "--latency-ms", str(latency_ms),
+    ]  # fmt: skip
+    with serve_process(cmd, port) as url:
+        yield url
 
 
 @asynccontextmanager
