@@ -127,7 +127,7 @@ def graph_standin() -> Iterator[str]:
     port = free_port()
     command = [
         sys.executable, str(ROOT / "bench" / "graph_standin.py"), "--port", str(port),
-        "--page-id", PAGE, "--tokens", PAGE_TOKEN, "--conversations", "1",
+        "--page-id", PAGE, "--tokens", PAGE_TOKEN, "--conversations", "0",
     ]  # fmt: skip
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
