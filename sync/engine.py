@@ -185,6 +185,7 @@ class SyncEngine:
         released = await self._leases.wait_released(max(0.0, until - loop.time()))
         if self._running or not released:
             log.warning("shutdown: a sync did not let go of its lock in time; it expires with its lease")
+            await self._leases.abandon()
 
     async def _sync(self, user_id: str, request: SyncRequest, on_page: ProgressCallback | None) -> SyncResult:
         started = self._clock()

@@ -9,6 +9,11 @@
 A sync cancelled while its acquiring statement runs may already own the lock: the lock is
 released as soon as that statement returns. ``wait_released`` is what a shutdown awaits so
 that no lock outlives the process (SPEC semantics 1: otherwise it stays held for its TTL).
+
+A release that finds the database unavailable (a sync cut off by an outage) is tried again in
+the background, backing off, until the lease would have expired anyway: without that, the page
+stayed locked for the whole TTL (300 s by default) after a database restart. A late release is
+safe: it only matches the lease's own fencing token, so it never frees a lock someone took over.
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ import socket
 import uuid
 from typing import Any
 
-from core.errors import LeaseLost, SyncInProgress
+from core.errors import DatabaseUnavailable, LeaseLost, SyncInProgress
 from storage import Storage
 from storage.base import Lease
 
 log = logging.getLogger(__name__)
+
+# A release that found the database unavailable is tried again after this, doubled each time up to
+# RELEASE_RETRY_MAX_SECONDS, until the lease would have expired.
+RELEASE_RETRY_SECONDS = 0.5
+RELEASE_RETRY_MAX_SECONDS = 10.0
 
 
 async def discard(task: asyncio.Future[Any]) -> None:
@@ -132,8 +142,33 @@ class Leases:
     async def _release(self, lease: Lease) -> None:
         try:
             await self._storage.release_sync_lock(lease)
+        except DatabaseUnavailable:
+            log.warning(
+                "could not release the sync lock of page %s: the database is unavailable; "
+                "trying again in the background",
+                lease.page_id,
+            )
+            self._track(self._release_later(lease))
         except Exception:  # it expires on its own; never hide the sync's own outcome
             log.exception("could not release the sync lock of page %s", lease.page_id)
+
+    async def _release_later(self, lease: Lease) -> None:
+        """Release `lease` once the database is back, backing off; give up when it would have expired."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ttl
+        delay = RELEASE_RETRY_SECONDS
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(delay, left))
+            try:
+                await self._storage.release_sync_lock(lease)
+            except DatabaseUnavailable:
+                delay = min(delay * 2, RELEASE_RETRY_MAX_SECONDS)
+                continue
+            except Exception:
+                log.exception("could not release the sync lock of page %s", lease.page_id)
+                return
+            log.info("released the sync lock of page %s after the database came back", lease.page_id)
+            return
 
     async def wait_released(self, seconds: float) -> bool:
         """Wait (at most `seconds`) for the releases under way; True when none is left."""
@@ -141,3 +176,8 @@ class Leases:
         if pending:
             await asyncio.wait(pending, timeout=seconds)
         return not self._releasing
+
+    async def abandon(self) -> None:
+        """Stop the releases still under way (at shutdown, after `wait_released`): their leases expire."""
+        for task in list(self._releasing):
+            await discard(task)

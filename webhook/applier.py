@@ -38,6 +38,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from core.errors import ServiceUnavailable
 from core.metrics import Metrics
 from core.settings import Settings
 from storage import Storage
@@ -260,6 +261,8 @@ class Applier:
         parser = _Parser()
         try:
             report = await apply_batch(self.storage, parser, 1, ids=[inbox_id])
+        except ServiceUnavailable:  # the database's failure, not the row's: it stays pending
+            raise
         except Exception as error:
             message = f"{type(error).__name__}: {error}"
         else:

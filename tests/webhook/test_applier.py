@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from starlette.testclient import TestClient
 
+from core.errors import DatabaseUnavailable
 from core.metrics import Metrics
 from core.records import ConversationRecord
 from core.settings import Settings
@@ -114,6 +115,29 @@ def test_transient_batch_failure_fails_no_row(wclient: TestClient, monkeypatch: 
     assert inbox(wclient) == {"applied": 3}
     (conv,) = conversations(wclient, page["pageId"])
     assert conv["messageCount"] == 3
+
+
+def test_an_outage_during_a_rows_apply_leaves_it_pending_not_failed(
+    wclient: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register_page(wclient)
+    for i in range(2):
+        assert post(wclient, message_body(f"m_{i}", f"t{i}", 1_732_900_000_000 + i)).status_code == 200
+    original = applier_module.apply_batch
+    calls: list[Any] = []
+
+    async def outage(storage: Storage, parse: Any, limit: int, ids: Any = None) -> Any:
+        calls.append(ids)
+        if len(calls) <= 2:  # the batch, then the first row alone: the database is away
+            raise DatabaseUnavailable("The database is unavailable; retry later")
+        return await original(storage, parse, limit, ids)
+
+    monkeypatch.setattr(applier_module, "apply_batch", outage)
+    with pytest.raises(DatabaseUnavailable):
+        drain(wclient)
+    assert inbox(wclient) == {"pending": 2}  # nothing marked failed for the database's fault
+    assert drain(wclient).applied == 2  # the database is back: applied, no replay needed
+    assert inbox(wclient) == {"applied": 2}
 
 
 async def test_replay_command_applies_failed_rows(
