@@ -285,15 +285,18 @@ class PostgresEngine:
         self._availability.ok()
 
     async def transact(self, fn: TxnFn[T], *, single_statement: bool = False, migration: bool = False) -> T:
-        # One statement outside a transaction block is its own transaction: one round trip. With
-        # NOTIFY it needs a block all the same: sent in the write's transaction, it costs no commit
-        # of its own, and reaches the listeners only once the write is visible.
-        async with self._connection(transaction=self.notify_others or not single_statement) as conn:
+        # One statement outside a transaction block is its own transaction: one round trip.
+        async with self._connection(transaction=not single_statement) as conn:
             if migration:
                 # Transaction-scoped, so a pooler may hand the next transaction another session.
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
             result = await fn(conn)
             if self.notify_others:
+                # In a block, the NOTIFY rides in the write's transaction and is delivered when it
+                # commits. A single statement has committed by now, so its NOTIFY, sent just after
+                # (one more round trip instead of a BEGIN/COMMIT block's three), also reaches the
+                # listeners only once the write is visible; it is lost only if the process dies in
+                # between, and the listeners' polling covers that.
                 await conn.send_notes()
         self.notifier.publish_all(conn.notes)
         return result
