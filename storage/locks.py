@@ -100,8 +100,10 @@ class LockStorage(Store):
             return await conn.fetchrow(
                 "INSERT INTO sync_locks (page_id, locked_by, locked_at, expires_at, fencing_token) "
                 "VALUES ($1, $2, now_ms(), now_ms() + $3, 1) "
+                # The clock is read again once the row is ours: a statement that waited for the
+                # row lock would otherwise get a lease shortened by the wait (or already expired).
                 "ON CONFLICT (page_id) DO UPDATE SET locked_by = excluded.locked_by, "
-                "locked_at = excluded.locked_at, expires_at = excluded.expires_at, "
+                "locked_at = now_ms(), expires_at = now_ms() + $3, "
                 "fencing_token = sync_locks.fencing_token + 1 "
                 "WHERE sync_locks.locked_by IS NULL OR sync_locks.expires_at <= now_ms() "
                 f"RETURNING {_LEASE_COLUMNS}",
