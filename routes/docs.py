@@ -99,10 +99,29 @@ def _int(lo: int, hi: int | None = None) -> dict[str, Any]:
 
 
 _STR = {"type": "string"}
+_ID = {"type": "string", "minLength": 1}
+INT64_MAX = 2**63 - 1  # ids are BIGINT: anything larger is no id (400 or 404)
 PAGE_ID = Param("page_id", "path", _STR, "The pageId POST /api/pages returned", True)
-CONVERSATION_ID = Param("conversation_id", "path", _int(1), "A conversation's id", True)
+CONVERSATION_ID = Param("conversation_id", "path", _int(1, INT64_MAX), "A conversation's id", True)
 LIMIT = Param("limit", "query", _int(1, 500), "Items per page (default 50)")
 CURSOR = Param("cursor", "query", _STR, "The nextCursor of the previous page")
+SSE = "text/event-stream"
+# One Server-Sent Event: with OpenAPI 3.1, a text/event-stream schema describes each event (3.2
+# calls it itemSchema), its `data` here an EventBody's JSON.
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "id": {"type": "string", "description": "The event's id (Last-Event-ID resumes after it)"},
+        "event": {"type": "string"},
+        "retry": {"type": "integer"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": REF.format(name="EventBody")},
+        },
+    },
+}
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/api/webhook"): Operation(
@@ -168,7 +187,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/api/conversations"): Operation(
         "A page's conversations, newest first",
         body=r.ConversationList,
-        params=(Param("pageId", "query", _STR, "", True), LIMIT, CURSOR),
+        params=(Param("pageId", "query", _ID, "", True), LIMIT, CURSOR),
         errors=(400, 404),
         tags=("conversations",),
     ),
@@ -190,9 +209,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Server-Sent Events: one message per stored event (data: an Event), resumable with Last-Event-ID",
         media="text/event-stream",
         params=(
-            Param("pageId", "query", _STR, "", True),
-            Param("Last-Event-ID", "header", _int(0), "Resume after this event id"),
-            Param("lastEventId", "query", _int(0), "The same, for clients that cannot set headers"),
+            Param("pageId", "query", _ID, "", True),
+            Param("Last-Event-ID", "header", _int(0, INT64_MAX), "Resume after this event id"),
+            Param(
+                "lastEventId", "query", _int(0, INT64_MAX), "The same, for clients that cannot set headers"
+            ),
         ),
         errors=(400, 404, 429),
         tags=("conversations",),
@@ -260,6 +281,8 @@ def _responses(op: Operation) -> dict[str, Any]:
         if status != 204:
             if op.body is not None:
                 response["content"] = {op.media: {"schema": _ref(op.body)}}
+            elif op.media == SSE:
+                response["content"] = {SSE: {"schema": SSE_EVENT}}
             else:
                 response["content"] = {
                     op.media: {"schema": {"type": "string"} if op.media != "application/json" else {}}
