@@ -34,6 +34,17 @@ EVENT_TYPES = frozenset(
 MESSAGE_EVENT_TYPES = frozenset({"message_received", "message_sent"})
 
 
+def is_newer_message(time: int, text: str | None, than_time: int, than_text: str | None) -> bool:
+    """Whether a message at `time` replaces the one at `than_time` as a conversation's last message.
+
+    A later time wins; at the same time (two messages in one millisecond, or one Graph second) the
+    greater text does, so the last message never depends on the order messages arrive in.
+    """
+    if time != than_time:
+        return time > than_time
+    return (text is not None, text or "") > (than_text is not None, than_text or "")
+
+
 class EventRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One row of contact_interaction_events, before it has a conversation id."""
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from core.records import MESSAGE_EVENT_TYPES, ConversationRecord, EventRecord
+from core.records import MESSAGE_EVENT_TYPES, ConversationRecord, EventRecord, is_newer_message
 from storage.base import WriteCounts
 from storage.engine import Conn
 from storage.notify import EVENTS
@@ -142,7 +142,10 @@ def _merge_into(have: ConversationRecord, rec: ConversationRecord) -> None:
     if rec.unread_count is not None:
         have.unread_count = rec.unread_count
     if rec.last_message_time is not None and (
-        have.last_message_time is None or rec.last_message_time > have.last_message_time
+        have.last_message_time is None
+        or is_newer_message(
+            rec.last_message_time, rec.last_message, have.last_message_time, have.last_message
+        )
     ):
         have.last_message, have.last_message_time = rec.last_message, rec.last_message_time
 
@@ -197,7 +200,9 @@ def _merged_values(
     every webhook batch.
     """
     last_message, last_message_time = row["last_message"], row["last_message_time"]
-    if rec.last_message_time is not None and rec.last_message_time > last_message_time:
+    if rec.last_message_time is not None and is_newer_message(
+        rec.last_message_time, rec.last_message, last_message_time, last_message
+    ):
         last_message, last_message_time = rec.last_message, rec.last_message_time
     return (
         rec.facebook_conversation_id or row["facebook_conversation_id"],

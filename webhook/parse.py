@@ -39,7 +39,13 @@ from typing import Any
 
 import msgspec
 
-from core.records import MESSAGE_EVENT_TYPES, ConversationRecord, EventRecord, attachment_label
+from core.records import (
+    MESSAGE_EVENT_TYPES,
+    ConversationRecord,
+    EventRecord,
+    attachment_label,
+    is_newer_message,
+)
 from schema.webhook import (
     INT64_MAX,
     Entry,
@@ -379,7 +385,10 @@ def webhook_records(body: WebhookBody) -> ParsedWebhook:
                 seen[key].add(event_key)
                 record.events.append(event)
                 if event.event_type in MESSAGE_EVENT_TYPES and (
-                    record.last_message_time is None or event.event_timestamp >= record.last_message_time
+                    record.last_message_time is None
+                    or is_newer_message(
+                        event.event_timestamp, event.content, record.last_message_time, record.last_message
+                    )
                 ):
                     record.last_message = event.content
                     record.last_message_time = event.event_timestamp
