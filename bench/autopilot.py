@@ -1,20 +1,30 @@
 """Autopilot benchmark: pages backfilled by the scheduler alone, within the stand-in's rate limits.
 
     python bench/autopilot.py                                  # quick: 20 pages x 200 conversations
+    python bench/autopilot.py --scale 10                       # the quick run x10: 20 pages x 2,000
     python bench/autopilot.py --pages 200 --conversations 500 --processes 1,2 --concurrency 24
+    python bench/autopilot.py --pages 200 --conversations 500 --scale 10 --processes 1,2   # 200 x 5,000
+    python bench/autopilot.py --pages 2000 --conversations 500 --processes 1,2             # 2,000 x 500
     python bench/autopilot.py --pages 200 --conversations 500 --page-size 25    # 4x the calls, 1/4 the writes
 
 The Graph stand-in (bench/standin_limits.py: 2 calls a second per page, 40 for the app, code 4 /
 80006 beyond) runs in a uvicorn subprocess. Pages are registered in a fresh PostgreSQL schema
-(or SQLite file), then N worker processes each run what the service's background work runs:
-Scheduler + SyncEngine + GraphClient over PooledTransport (one rate-limit pool in the database),
-until every page has completed a sync. The service's app.py is not wired to the scheduler yet,
-so the workers build those pieces themselves, exactly as the tests' replicas do.
+(or SQLite file), then N worker processes each run the background work of `python app.py worker`
+(core.services.running_services with worker=True and no HTTP API: Scheduler + SyncEngine +
+GraphClient over PooledTransport, one rate-limit pool in the database, housekeeping, and the
+webhook applier, idle here) until every page has completed a sync. They run it in the bench's
+own process rather than as `python app.py worker`, so that each can stop when every page is done
+and print its counts; the settings are the service's defaults but SYNC_CONCURRENCY and
+SYNC_PAGE_SIZE (the flags), GRAPH_PAGE_CALLS_PER_SECOND=2 and SYNC_INTERVAL_SECONDS=3600 (no
+second sync within the run).
 
 Printed per run: Graph calls per second over the binding limit (the app's 40; SPEC target >= 0.9,
 whole run and sustained, i.e. the middle of the run without ramp-up and the last pages' tail), the
 rate-limit errors provoked (target 0), the most calls one page got in any second, and the time to
-complete every page against the ideal (total calls / 40 per second).
+complete every page against the ideal (total calls / 40 per second). Then the scale figures: time
+per conversation and per Graph call, each worker's peak RSS (VmHWM), and the conversation and
+event tables' rows and bytes. `--scale N` multiplies `--conversations` by N (the conversations of
+every page); `--pages` grows the other way (more pages, each as deep).
 """
 
 from __future__ import annotations
@@ -39,31 +49,31 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from bench.standin_limits import STATS_PATH, bench_page_ids  # noqa: E402
-from bench.sync import free_port, fresh_database, serve_process  # noqa: E402
+from bench.sync import (  # noqa: E402
+    SIZED_TABLES,
+    DatabaseSize,
+    database_size,
+    free_port,
+    fresh_database,
+    load,
+    peak_rss_kib,
+    serve_process,
+)
 from core.metrics import Metrics  # noqa: E402
+from core.services import running_services  # noqa: E402
 from core.settings import Settings  # noqa: E402
-from storage import open_storage  # noqa: E402
-from storage.autopilot import AutopilotStorage  # noqa: E402
+from storage import Storage, open_storage  # noqa: E402
 from storage.sql import SQLStorage  # noqa: E402
-from sync.engine import SyncEngine  # noqa: E402
-from sync.graph_client import GraphClient  # noqa: E402
-from sync.pool import PooledTransport, PoolPolicy, RatePool  # noqa: E402
-from sync.scheduler import AutopilotMetrics, Scheduler  # noqa: E402
 
 APP_LIMIT = 40
 PAGE_LIMIT = 2
 USER = "bench"
 
 
-class Store(SQLStorage, AutopilotStorage):
-    """SQLStorage with the autopilot half (already in SQLStorage once the lead wires it)."""
-
-
-async def open_store(url: str) -> Store:
-    opened = await open_storage(url)
-    store = Store(opened.engine)  # type: ignore[attr-defined]
-    await store.migrate()
-    return store
+async def open_store(url: str) -> Storage:
+    storage = await open_storage(url)
+    await storage.migrate()
+    return storage
 
 
 @contextmanager
@@ -89,12 +99,11 @@ def worker_settings(database_url: str, graph_url: str, concurrency: int, page_si
         sync_page_size=page_size,
         sync_interval_seconds=3600,
         graph_page_calls_per_second=PAGE_LIMIT,
-        run_applier=False,
     )
 
 
-async def completed(storage: Store) -> int:
-    async with storage.engine.reader() as conn:
+async def completed(storage: Storage) -> int:
+    async with storage.engine.reader() as conn:  # type: ignore[attr-defined]
         row = await conn.fetchrow("SELECT count(*) AS n FROM sync_state WHERE completed_syncs >= 1")
     return int(row["n"]) if row is not None else 0
 
@@ -103,35 +112,20 @@ async def worker(args: argparse.Namespace) -> None:
     """One process of background work, until every page has completed; prints its counts as JSON."""
     logging.basicConfig(level=logging.WARNING)
     settings = worker_settings(args.database_url, args.graph_url, args.concurrency, args.page_size)
-    storage = await open_store(args.database_url)
     store_calls = [0]
-    update = storage.update_rate_pool
+    update = SQLStorage.update_rate_pool
 
-    async def counted(keys: Any, decide: Any) -> Any:
+    async def counted(self: SQLStorage, keys: Any, decide: Any) -> Any:
         store_calls[0] += 1
-        return await update(keys, decide)
+        return await update(self, keys, decide)
 
-    storage.update_rate_pool = counted  # type: ignore[method-assign]
+    SQLStorage.update_rate_pool = counted  # type: ignore[method-assign,assignment]
     metrics = Metrics()
-    autopilot = AutopilotMetrics(metrics.registry)
-    pool = RatePool(storage, PoolPolicy.from_settings(settings), metrics=autopilot)
-    transport = PooledTransport(httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=200)), pool)
-    try:
-        async with httpx.AsyncClient(
-            base_url=args.graph_url, transport=transport, timeout=httpx.Timeout(60.0, connect=5.0)
-        ) as http:
-            engine = SyncEngine(storage, GraphClient(http, pacing_max_delay=0.0), settings, metrics)
-            scheduler = Scheduler(storage, engine, settings, pool=pool, metrics=autopilot, poll_seconds=0.2)
-            await scheduler.start()
-            try:
-                # Other processes complete pages too: only the database knows when all are done.
-                while await completed(storage) < args.pages:  # noqa: ASYNC110
-                    await asyncio.sleep(0.2)
-            finally:
-                await scheduler.stop()
-                await engine.aclose()
-    finally:
-        await storage.close()
+    # What `python app.py worker` runs (core.cli.run_worker), until every page is done.
+    async with running_services(settings, metrics=metrics, http_api=False, worker=True) as services:
+        # Other processes complete pages too: only the database knows when all are done.
+        while await completed(services.storage) < args.pages:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
     counts: dict[str, float] = {}
     for family in metrics.registry.collect():
         for sample in family.samples:
@@ -141,6 +135,7 @@ async def worker(args: argparse.Namespace) -> None:
                 kind = "waits" if sample.name.endswith("_count") else "wait_s"
                 counts[f"{sample.labels['reason']} {kind}"] = round(sample.value, 1)
     counts["pool transactions"] = store_calls[0]
+    counts["peak RSS MiB"] = round(peak_rss_kib(os.getpid()) / 1024, 1)
     print(json.dumps(counts), flush=True)
 
 
@@ -168,8 +163,9 @@ async def run(args: argparse.Namespace, graph_url: str, processes: int) -> dict[
             raise RuntimeError(f"a worker failed: {[p.returncode for p in procs]}")
         async with httpx.AsyncClient() as http:
             after = (await http.get(graph_url.rsplit("/", 1)[0] + STATS_PATH)).json()
+        size = await database_size(url)
     workers = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]
-    return {"stats": after, "wall": wall, "workers": workers}
+    return {"stats": after, "wall": wall, "workers": workers, "size": size, "load": load()}
 
 
 def report(args: argparse.Namespace, processes: int, result: dict[str, Any]) -> None:
@@ -199,6 +195,19 @@ def report(args: argparse.Namespace, processes: int, result: dict[str, Any]) -> 
     for i, counts in enumerate(result["workers"]):
         shown = ", ".join(f"{k} {v:g}" for k, v in sorted(counts.items()) if v)
         print(f"    worker {i + 1}: {shown}")
+    size: DatabaseSize = result["size"]
+    conversations = args.pages * args.conversations
+    stored = size.rows["messenger_conversations"]
+    peaks = ", ".join(f"{counts.get('peak RSS MiB', 0):.1f}" for counts in result["workers"])
+    print(
+        f"    scale: {conversations:,} conversations ({stored:,} stored) in {result['wall']:.1f} s = "
+        f"{1000 * result['wall'] / conversations:.3f} ms/conversation, "
+        f"{1000 * result['wall'] / max(calls, 1):.1f} ms/Graph call; worker peak RSS {peaks} MiB; "
+        f"load {result['load']}\n"
+        f"    tables: {size.describe(SIZED_TABLES[1:])}"
+    )
+    if stored != conversations:
+        print(f"    WARNING: {conversations:,} conversations served but {stored:,} stored")
 
 
 def main() -> None:
@@ -214,6 +223,9 @@ def main() -> None:
         "--pg-url", default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1/test")
     )
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--scale", type=int, default=1, help="multiply --conversations by this (10: ten times)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--graph-url", help=argparse.SUPPRESS)
@@ -221,10 +233,14 @@ def main() -> None:
     if args.worker:
         asyncio.run(worker(args))
         return
+    if args.scale < 1:
+        parser.error("--scale must be at least 1")
+    args.conversations *= args.scale
     counts = [int(n) for n in args.processes.split(",") if n.strip()]
     print(
         f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; {args.pages} pages x {args.conversations} "
-        f"conversations; stand-in limits {PAGE_LIMIT}/s per page, {APP_LIMIT}/s for the app; {args.engine}"
+        f"conversations; stand-in limits {PAGE_LIMIT}/s per page, {APP_LIMIT}/s for the app; {args.engine}; "
+        f"scale {args.scale}x; load {load()}"
     )
     for processes in counts:
         with standin(args.conversations, args.messages) as graph_url:

@@ -1,6 +1,8 @@
 """Webhook intake benchmark: the service against a bare Starlette endpoint, same run, same machine.
 
     python bench/webhook.py                       # SQLite and PostgreSQL, 10 s each, 32 connections
+    python bench/webhook.py --duration 8          # the README's run
+    python bench/webhook.py --duration 8 --scale 10   # ten times the bodies: 80 s of load
     python bench/webhook.py --engines sqlite --duration 5 --profile /tmp/prof
 
 For each engine: a fresh database, the service under uvicorn (one worker, 127.0.0.1) with
@@ -9,10 +11,22 @@ page's token), a page registered through the API (its token verified with the st
 and a claim of another page with it checked to be refused), then wrk (``bench/webhook.lua``)
 POSTs pre-signed bodies with distinct message ids for ``--duration`` seconds at ``--connections``
 connections. The ack rate and latency come from wrk; the end-to-end rate is inbox rows applied /
-(time from the first request until no inbox row is pending). Then a normal load (300 webhooks at
-100/s) reports the apply lag. The bare endpoint (``bench/bare_app.py``: verify + decode + 200)
-runs the same wrk load in the same run.
+(time from the first request, the first inbox row's ``received_at``, until no inbox row is
+pending). Then a normal load (300 webhooks at 100/s) reports the apply lag. The bare endpoint
+(``bench/bare_app.py``: verify + decode + 200) runs the same wrk load in the same run.
 SPEC targets: ack >= 0.8x bare with p99 < 50 ms; end-to-end >= 0.5x; lag under 1 s.
+
+After each engine's load, a scale line: the time per webhook (acknowledged: 1 / ack rate; end to
+end: the drain time per applied event), the service process's RSS (after start-up, peak (VmHWM)
+and at the end), and the inbox (``webhook_events``), event and conversation tables' rows and bytes
+(bytes per row; SQLite: dbstat, PostgreSQL: pg_total_relation_size). ``--scale N`` multiplies
+``--duration`` (and so the default body count) by N; the bodies spread over 1000 contacts, so the
+conversation table stays at 1000 rows while the inbox and the events grow. A series sampled from
+/metrics shows acks and applied rows per second over the run. While a burst saturates the intake,
+the applier steps aside for at most 30 s (settings.applier_max_yield_seconds), then applies
+alongside it: an 80 s burst (``--scale 10``) is acked partly with the applier running, an 8 s one
+without it. The drain rate (rows applied per second once the load stopped) is the applier's speed
+alone.
 
 ``--profile DIR`` records the service with py-spy during the load (``pip install py-spy``)
 and prints the hottest functions. Needs ``wrk`` (``apt-get install -y wrk``).
@@ -32,6 +46,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,6 +59,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.sync import SIZED_TABLES, DatabaseSize, database_size, load, mib, peak_rss_kib  # noqa: E402
 from routes.limits import SERVER_FLAGS  # noqa: E402
 from storage import open_storage  # noqa: E402
 from webhook.signature import sign  # noqa: E402
@@ -245,6 +261,25 @@ async def wait_drained(database_url: str, bound_seconds: float = 300.0) -> dict[
         await storage.close()
 
 
+async def count_pending(database_url: str) -> int:
+    storage = await open_storage(database_url)
+    try:
+        return await storage.pending_webhook_count()
+    finally:
+        await storage.close()
+
+
+async def first_received(database_url: str) -> float | None:
+    """When the inbox's first row was received (epoch seconds, the database's clock)."""
+    storage = await open_storage(database_url)
+    try:
+        async with storage.engine.reader() as conn:  # type: ignore[attr-defined]
+            row = await conn.fetchrow("SELECT min(received_at) AS t FROM webhook_events")
+        return None if row is None or row["t"] is None else int(row["t"]) / 1000
+    finally:
+        await storage.close()
+
+
 async def count_events(database_url: str) -> int:
     storage = await open_storage(database_url)
     try:
@@ -332,10 +367,97 @@ def service(engine: str, work: Path) -> Iterator[tuple[subprocess.Popen[bytes], 
             asyncio.run(pg_schema("DROP", schema))
 
 
+class Sampler:
+    """Polls the service's /metrics every `interval` seconds (a thread): acks and applied rows per
+    interval, so a rate that falls as the tables grow shows in the series."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.interval = interval
+        self.samples: list[tuple[float, float, float]] = []  # (monotonic, acked, applied)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-sampler", daemon=True)
+
+    def _sample(self, http: httpx.Client) -> None:
+        text = http.get(self.url).text
+        acked = sum(
+            float(n) for n in re.findall(r'^webhook_received_total\{outcome="accepted"\} (\S+)$', text, re.M)
+        )
+        applied = sum(float(n) for n in re.findall(r"^webhook_inbox_rows_total\{[^}]*\} (\S+)$", text, re.M))
+        self.samples.append((time.monotonic(), acked, applied))
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10.0) as http:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    self._sample(http)
+                if self._stop.wait(self.interval):
+                    with contextlib.suppress(httpx.HTTPError):
+                        self._sample(http)
+                    return
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def describe(self) -> str:
+        """`acks/s 1203 1150 ... | applied/s 700 ...`, one number per interval."""
+        pairs = list(zip(self.samples, self.samples[1:], strict=False))
+        acks = " ".join(f"{(b[1] - a[1]) / (b[0] - a[0]):.0f}" for a, b in pairs)
+        applied = " ".join(f"{(b[2] - a[2]) / (b[0] - a[0]):.0f}" for a, b in pairs)
+        return f"every {self.interval:g} s: acks/s {acks} | applied/s {applied}"
+
+
+def rss_kib(pid: int) -> int:
+    """A running process's resident set now (VmRSS), in KiB; 0 if unknown."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Scale:
+    """What grows with the load: the service's memory and the tables."""
+
+    seconds: float  # from the first request until nothing is pending
+    wrk_startup: float  # from wrk's start until the first request was received (not counted)
+    pending_after_load: int  # inbox rows still pending when the load stopped
+    drain_seconds: float  # from then until nothing was pending
+    rss_start_kib: int  # after start-up and the page's registration
+    rss_peak_kib: int
+    rss_end_kib: int
+    size: DatabaseSize
+    series: str  # the sampler's rates
+
+    @property
+    def drain_rate(self) -> float:
+        """Rows applied per second once the load stopped (the applier alone, without intake)."""
+        return self.pending_after_load / self.drain_seconds if self.drain_seconds > 0 else 0.0
+
+    def describe(self, result: WrkResult, applied: int) -> str:
+        per_event = f"{1000 * self.seconds / applied:.3f} ms" if applied else "-"
+        return (
+            f"per webhook: ack {1000 / result.rps:.3f} ms (1 / ack rate), end-to-end {per_event} "
+            f"(wrk's start-up of {self.wrk_startup:.1f} s not counted); "
+            f"{self.pending_after_load} pending when the load stopped, drained in {self.drain_seconds:.1f} s "
+            f"({self.drain_rate:.0f} rows/s); service RSS {self.rss_start_kib / 1024:.1f} MiB after start, "
+            f"peak {self.rss_peak_kib / 1024:.1f} MiB, end {self.rss_end_kib / 1024:.1f} MiB; load {load()}\n"
+            f"    {self.series}\n"
+            f"    tables: {self.size.describe()}"
+        )
+
+
 def bench_service(
     engine: str, args: argparse.Namespace, work: Path, bodies: Path
-) -> tuple[WrkResult, float, int, dict[str, int], str]:
+) -> tuple[WrkResult, float, int, dict[str, int], str, Scale]:
     with service(engine, work) as (proc, port, database_url):
+        rss_start = rss_kib(proc.pid)
         profiler = None
         if args.profile:
             raw = Path(args.profile) / f"service-{engine}.txt"
@@ -358,19 +480,32 @@ def bench_service(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        started = time.monotonic()
-        result = run_wrk(port, bodies, args.duration, args.connections, args.threads)
-        counts = asyncio.run(wait_drained(database_url))
-        elapsed = time.monotonic() - started
+        started = time.time()
+        with Sampler(port, max(1.0, args.duration / 10)) as sampler:
+            result = run_wrk(port, bodies, args.duration, args.connections, args.threads)
+            load_stopped = time.time()
+            pending = asyncio.run(count_pending(database_url))
+            counts = asyncio.run(wait_drained(database_url))
+            drained_at = time.time()
+        # From the first request the inbox received, not from wrk's start: wrk reads every body
+        # before its first request (about 2 s for 120,000, 24 s for 1.2 million).
+        first = asyncio.run(first_received(database_url)) or started
+        elapsed = drained_at - first
         summary = metric_summary(port)
         if profiler is not None:
             profiler.wait()
             summary += "\n" + profile_summary(Path(args.profile) / f"service-{engine}.txt")
         events = asyncio.run(count_events(database_url))
+        size = asyncio.run(database_size(database_url))
+        rss_peak, rss_end = peak_rss_kib(proc.pid), rss_kib(proc.pid)
+        scale = Scale(
+            elapsed, first - started, pending, drained_at - load_stopped, rss_start, rss_peak, rss_end, size,
+            sampler.describe(),
+        )  # fmt: skip
     applied = counts.get("applied", 0)
     if events != applied:
         summary += f"\nWARNING: {applied} rows applied but {events} events stored"
-    return result, applied / elapsed, applied, counts, summary
+    return result, applied / elapsed, applied, counts, summary, scale
 
 
 def paced_lag(engine: str, work: Path, count: int = 300, rate: float = 100.0) -> str:
@@ -423,6 +558,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (the machine has few cores)")
     parser.add_argument("--bodies", type=int, default=0, help="distinct bodies (default: 15000/s of load)")
+    parser.add_argument(
+        "--scale", type=int, default=1, help="multiply --duration (and --bodies) by this (10: ten times)"
+    )
     parser.add_argument("--profile", default=None, help="folder for py-spy profiles of the service")
     parser.add_argument(
         "--http",
@@ -433,6 +571,10 @@ def main() -> int:
         "default when installed; unbounded headers)",
     )
     args = parser.parse_args()
+    if args.scale < 1:
+        parser.error("--scale must be at least 1")
+    args.duration *= args.scale
+    args.bodies *= args.scale
     UVICORN_FLAGS[:] = SERVER_FLAGS if args.http == "h11" else ["--http", "httptools"]
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
@@ -446,7 +588,10 @@ def main() -> int:
     except ImportError:
         loop = "asyncio"
     stack = f"uvicorn + {loop} + {args.http} ({' '.join(UVICORN_FLAGS)})"
-    print(f"server: {stack}, 1 worker; wrk -t{args.threads} -c{args.connections} -d{args.duration}s")
+    print(
+        f"server: {stack}, 1 worker; wrk -t{args.threads} -c{args.connections} -d{args.duration}s "
+        f"(scale {args.scale}x); load {load()}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="webhook-bench-") as tmp:
         work = Path(tmp)
@@ -457,8 +602,10 @@ def main() -> int:
         bare = bench_bare(args, bodies)
         print(f"\nbare endpoint: {bare.rps:.0f} req/s, p50 {bare.p50_ms:.2f} ms, p99 {bare.p99_ms:.2f} ms")
         ok = True
+        scales: list[tuple[str, WrkResult, int, Scale]] = []
         for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
-            result, e2e, applied, counts, summary = bench_service(engine, args, work, bodies)
+            result, e2e, applied, counts, summary, scale = bench_service(engine, args, work, bodies)
+            scales.append((engine, result, applied, scale))
             ack_ratio, e2e_ratio = result.rps / bare.rps, e2e / bare.rps
             passed = ack_ratio >= 0.8 and e2e_ratio >= 0.5 and result.p99_ms < 50 and result.errors == 0
             ok = ok and passed
@@ -470,7 +617,23 @@ def main() -> int:
                 f"inbox {counts}\n"
                 f"[{engine}] {summary}\n"
                 f"[{engine}] {'PASS' if passed else 'FAIL'} (targets: ack >= 0.8, e2e >= 0.5, p99 < 50 ms)\n"
+                f"[{engine}] {scale.describe(result, applied)}\n"
                 f"[{engine}] {paced_lag(engine, work)}"
+            )
+        print(f"\nscale summary ({args.duration} s of load, {count} bodies available)")
+        print(
+            "  engine     applied   ms/ack  ms/event  drain rows/s  RSS start  peak   end MiB   "
+            "inbox B/row  events B/row"
+        )
+        for engine, result, applied, scale in scales:
+            size = scale.size
+            inbox, events = (size.bytes[t] / max(size.rows[t], 1) for t in SIZED_TABLES[:2])
+            print(
+                f"  {engine:<9} {applied:>8,}   {1000 / result.rps:6.3f}  "
+                f"{1000 * scale.seconds / max(applied, 1):8.3f}  {scale.drain_rate:12.0f}  "
+                f"{scale.rss_start_kib / 1024:9.1f} {scale.rss_peak_kib / 1024:5.1f} "
+                f"{scale.rss_end_kib / 1024:5.1f}       {inbox:11,.0f}  {events:12,.0f}   "
+                f"(database {mib(size.total_bytes)})"
             )
     return 0 if ok else 1
 
